@@ -1,0 +1,1 @@
+"""All I/O of a payment: provider, ledger, webhooks. Each activity is idempotent."""

@@ -1,0 +1,148 @@
+"""The activities of a payment, grouped by the clients they need.
+
+Each translates third-party exceptions into ``ApplicationError`` at its edge:
+business outcomes are non-retryable with a stable type; anything else retries.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.provider_client import (
+    ProviderClient,
+    ProviderDeclined,
+    ProviderInvalidRequest,
+    ProviderUnavailable,
+)
+from activities.webhooks import WebhookDeliveryError, WebhookSender
+from domain.payments import (
+    ChargeInput,
+    ChargeResult,
+    DeclineDetails,
+    ErrorType,
+    FindChargeInput,
+    FindChargeResult,
+    NotifyInput,
+    OpenPaymentInput,
+    Payment,
+    RecordOutcomeInput,
+)
+from ledger.repositories import ClientRepository, PaymentRepository
+
+log = structlog.get_logger(__name__)
+
+# Stripe reports most declines as code ``card_declined`` with the reason in
+# ``decline_code``; clients want the reason when it is a specific one.
+_GENERIC_DECLINE_CODES = {"generic_decline", "", None}
+
+
+def decline_failure_code(code: str, decline_code: str | None) -> str:
+    return code if decline_code in _GENERIC_DECLINE_CODES else str(decline_code)
+
+
+def event_id_for(payment_id: str, event_type: str) -> str:
+    """Stable across retries, so receivers can drop a redelivery."""
+    return f"evt_{payment_id.removeprefix('pay_')}_{event_type.replace('.', '_')}"
+
+
+class PaymentActivities:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        provider: ProviderClient,
+        webhooks: WebhookSender,
+    ) -> None:
+        self._sessions = sessions
+        self._provider = provider
+        self._webhooks = webhooks
+
+    @activity.defn(name="open_payment")
+    async def open_payment(self, input: OpenPaymentInput) -> Payment:
+        async with self._sessions() as session, session.begin():
+            stored = await PaymentRepository(session).open(input.payment)
+        if stored.request_fingerprint != input.payment.request_fingerprint:
+            # Only reachable once Temporal has forgotten the first run: the ledger still judges.
+            raise ApplicationError(
+                "this idempotency key was already used with a different request",
+                type=ErrorType.IDEMPOTENCY_KEY_REUSED,
+                non_retryable=True,
+            )
+        return stored.payment
+
+    @activity.defn(name="charge_payment")
+    async def charge_payment(self, input: ChargeInput) -> ChargeResult:
+        try:
+            charge = await self._provider.charge(
+                idempotency_key=input.payment_id,
+                amount=input.amount,
+                currency=input.currency,
+                payment_method=input.payment_method,
+                description=input.description,
+            )
+        except ProviderDeclined as exc:
+            raise ApplicationError(
+                exc.message,
+                DeclineDetails(decline_failure_code(exc.code, exc.decline_code), exc.message),
+                type=ErrorType.PAYMENT_DECLINED,
+                non_retryable=True,
+            ) from exc
+        except ProviderInvalidRequest as exc:
+            raise ApplicationError(
+                exc.message,
+                DeclineDetails(exc.code, exc.message),
+                type=ErrorType.INVALID_PAYMENT_REQUEST,
+                non_retryable=True,
+            ) from exc
+        except ProviderUnavailable as exc:
+            raise ApplicationError(str(exc), type=ErrorType.PROVIDER_UNAVAILABLE) from exc
+        log.info("payment.charged", payment_id=input.payment_id, charge_id=charge.id)
+        return ChargeResult(charge_id=charge.id, status=charge.status)
+
+    @activity.defn(name="find_charge")
+    async def find_charge(self, input: FindChargeInput) -> FindChargeResult:
+        """Ask the provider what became of a charge whose answer never arrived."""
+        try:
+            charge = await self._provider.find_charge(input.payment_id)
+        except ProviderUnavailable as exc:
+            raise ApplicationError(str(exc), type=ErrorType.PROVIDER_UNAVAILABLE) from exc
+        if charge is None:
+            return FindChargeResult(charge_id=None)
+        return FindChargeResult(charge_id=charge.id, status=charge.status)
+
+    @activity.defn(name="record_outcome")
+    async def record_outcome(self, input: RecordOutcomeInput) -> Payment:
+        async with self._sessions() as session, session.begin():
+            payment = await PaymentRepository(session).record_outcome(input)
+        log.info("payment.recorded", payment_id=payment.id, status=str(payment.status))
+        return payment
+
+    @activity.defn(name="notify_webhook")
+    async def notify_webhook(self, input: NotifyInput) -> None:
+        async with self._sessions() as session:
+            payment = await PaymentRepository(session).get_by_id(input.payment_id)
+            target = (
+                None
+                if payment is None
+                else await ClientRepository(session).webhook_target(payment.client_id)
+            )
+        if payment is None or target is None or not target.url:
+            return  # no receiver configured: nothing to deliver
+        event_id = event_id_for(payment.id, input.event_type)
+        event = {
+            "id": event_id,
+            "type": input.event_type,
+            "created_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "data": payment.public_dict(),
+        }
+        try:
+            await self._webhooks.send(
+                url=target.url, secret=target.secret, event_id=event_id, event=event
+            )
+        except WebhookDeliveryError as exc:
+            raise ApplicationError(str(exc), type=ErrorType.WEBHOOK_DELIVERY_FAILED) from exc
+        log.info("webhook.delivered", payment_id=payment.id, event_type=input.event_type)

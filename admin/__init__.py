@@ -1,0 +1,1 @@
+"""Operator commands: create API clients and their keys."""

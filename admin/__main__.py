@@ -1,0 +1,36 @@
+"""``python -m admin create-client --name NAME [--webhook-url URL]``
+
+Prints the client's id, its API key and its webhook secret. The key is shown this
+once: only its hash is stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from admin.clients import create_client
+from config.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m admin")
+    commands = parser.add_subparsers(dest="command", required=True)
+    create = commands.add_parser("create-client", help="create an API client and its first key")
+    create.add_argument("--name", required=True)
+    create.add_argument("--webhook-url", default=None)
+    args = parser.parse_args(argv)
+
+    settings = Settings()
+    created = create_client(settings.database_url, name=args.name, webhook_url=args.webhook_url)
+    print(f"client_id:      {created.client_id}")
+    print(f"api_key:        {created.api_key}   (shown once; store it now)")
+    print(f"webhook_secret: {created.webhook_secret}")
+    return 0
+
+
+if __name__ == "__main__":
+    rc = main()
+    sys.stdout.flush()
+    os._exit(rc)

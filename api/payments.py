@@ -1,0 +1,224 @@
+"""Start-or-attach a payment and read it back.
+
+The ledger answers what it already knows (a finished payment, a reused key);
+everything else goes to the payment's workflow through update-with-start, which
+either starts the run or attaches to the running one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+
+import structlog
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.client import (
+    Client,
+    WithStartWorkflowOperation,
+    WorkflowUpdateFailedError,
+)
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from api.problems import (
+    Problem,
+    database_unavailable,
+    idempotency_key_reused,
+    temporal_unavailable,
+)
+from domain import search_attributes
+from domain.payments import (
+    AttachRequest,
+    AttachResult,
+    ErrorType,
+    Payment,
+    PaymentInput,
+    PaymentRequest,
+    PaymentStatus,
+    payment_id_for,
+    payment_workflow_id,
+)
+from ledger.repositories import PaymentRepository, StoredPayment
+from workflows.payment import AWAIT_OUTCOME_UPDATE, PaymentWorkflow
+
+log = structlog.get_logger(__name__)
+
+_TRANSIENT_RPC = {
+    RPCStatusCode.UNAVAILABLE,
+    RPCStatusCode.DEADLINE_EXCEEDED,
+    RPCStatusCode.RESOURCE_EXHAUSTED,
+    RPCStatusCode.CANCELLED,
+    RPCStatusCode.UNKNOWN,
+}
+
+
+@dataclass(frozen=True)
+class PaymentAnswer:
+    payment: Payment
+    replayed: bool
+
+
+def summary_for(client_name: str, key: str, request: PaymentRequest) -> str:
+    major, minor = divmod(request.amount, 100)
+    return f"Charge {major}.{minor:02d} {request.currency} for client {client_name}, key {key}"
+
+
+class PaymentService:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        temporal: Client,
+        task_queue: str,
+    ) -> None:
+        self._sessions = sessions
+        self._temporal = temporal
+        self._task_queue = task_queue
+
+    async def _stored(self, client_id: str, key: str) -> StoredPayment | None:
+        try:
+            async with self._sessions() as session:
+                return await PaymentRepository(session).get_by_key(client_id, key)
+        except (OperationalError, DBAPIError) as exc:
+            raise database_unavailable() from exc
+
+    async def get(self, client_id: str, payment_id: str) -> Payment | None:
+        try:
+            async with self._sessions() as session:
+                return await PaymentRepository(session).get(client_id, payment_id)
+        except (OperationalError, DBAPIError) as exc:
+            raise database_unavailable() from exc
+
+    async def create(
+        self,
+        *,
+        client_id: str,
+        client_name: str,
+        key: str,
+        request: PaymentRequest,
+        wait_seconds: float,
+    ) -> PaymentAnswer:
+        fingerprint = request.fingerprint()
+        stored = await self._stored(client_id, key)
+        if stored is not None:
+            if stored.request_fingerprint != fingerprint:
+                raise idempotency_key_reused()
+            if stored.payment.status.is_terminal:
+                # The ledger knows the answer: no need to involve Temporal at all.
+                return PaymentAnswer(stored.payment, replayed=True)
+
+        request_id = uuid.uuid4().hex
+        payment_input = PaymentInput(
+            payment_id=payment_id_for(client_id, key),
+            client_id=client_id,
+            idempotency_key=key,
+            request=request,
+            request_fingerprint=fingerprint,
+            origin_request_id=request_id,
+        )
+        start = WithStartWorkflowOperation(
+            PaymentWorkflow.run,
+            payment_input,
+            id=payment_workflow_id(client_id, key),
+            task_queue=self._task_queue,
+            # Both explicit: a duplicate attaches to a running payment, and a closed
+            # one is never started again (the ledger then answers).
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            search_attributes=TypedSearchAttributes(
+                [
+                    SearchAttributePair(
+                        search_attributes.PAYMENT_STATUS, PaymentStatus.PROCESSING.value
+                    ),
+                    SearchAttributePair(search_attributes.CLIENT_ID, client_id),
+                    SearchAttributePair(search_attributes.IDEMPOTENCY_KEY, key),
+                    SearchAttributePair(search_attributes.AMOUNT_MINOR, request.amount),
+                    SearchAttributePair(search_attributes.CURRENCY, request.currency),
+                ]
+            ),
+            static_summary=summary_for(client_name, key, request),
+            static_details=(
+                f"Payment {payment_input.payment_id}\n"
+                f"Client: {client_name} ({client_id})\nIdempotency-Key: {key}\n"
+                f"Amount: {request.amount} {request.currency} (minor units)"
+            ),
+        )
+        try:
+            result: AttachResult = await asyncio.wait_for(
+                self._temporal.execute_update_with_start_workflow(
+                    # By name: the SDK's typing of a named async update loses its result type.
+                    AWAIT_OUTCOME_UPDATE,
+                    AttachRequest(request_id=request_id, request_fingerprint=fingerprint),
+                    start_workflow_operation=start,
+                    result_type=AttachResult,
+                ),
+                timeout=wait_seconds,
+            )
+        except TimeoutError:
+            # Still in flight: answer with what we know; the client polls or waits for
+            # the webhook. The payment is durable either way.
+            return await self._processing_answer(payment_input, replayed=stored is not None)
+        except WorkflowUpdateFailedError as exc:
+            cause = exc.cause
+            if (
+                isinstance(cause, ApplicationError)
+                and cause.type == ErrorType.IDEMPOTENCY_KEY_REUSED
+            ):
+                raise idempotency_key_reused() from exc
+            raise
+        except WorkflowAlreadyStartedError:
+            return await self._closed_run_answer(client_id, key, fingerprint)
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.ALREADY_EXISTS:
+                return await self._closed_run_answer(client_id, key, fingerprint)
+            if exc.status in _TRANSIENT_RPC:
+                raise temporal_unavailable() from exc
+            raise
+        except RuntimeError as exc:
+            # A lazy client that has never reached the server reports it this way.
+            if "Failed client connect" in str(exc):
+                raise temporal_unavailable() from exc
+            raise
+        return PaymentAnswer(result.payment, replayed=result.replayed or stored is not None)
+
+    async def _processing_answer(
+        self, payment_input: PaymentInput, *, replayed: bool
+    ) -> PaymentAnswer:
+        stored = await self._stored(payment_input.client_id, payment_input.idempotency_key)
+        if stored is not None:
+            return PaymentAnswer(stored.payment, replayed=replayed)
+        request = payment_input.request
+        return PaymentAnswer(
+            Payment(
+                id=payment_input.payment_id,
+                client_id=payment_input.client_id,
+                idempotency_key=payment_input.idempotency_key,
+                status=PaymentStatus.PROCESSING,
+                amount=request.amount,
+                currency=request.currency,
+                description=request.description,
+                metadata=dict(request.metadata),
+            ),
+            replayed=replayed,
+        )
+
+    async def _closed_run_answer(self, client_id: str, key: str, fingerprint: str) -> PaymentAnswer:
+        """The run for this key has closed: the ledger row is the durable answer."""
+        stored = await self._stored(client_id, key)
+        if stored is None:
+            raise Problem(
+                409,
+                "idempotency-key-unusable",
+                "Idempotency-Key cannot be used",
+                "A payment with this key was started but never recorded. Use a new key.",
+            )
+        if stored.request_fingerprint != fingerprint:
+            raise idempotency_key_reused()
+        return PaymentAnswer(stored.payment, replayed=True)

@@ -1,0 +1,1 @@
+"""Process configuration: one settings object and one logging set-up."""

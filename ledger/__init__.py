@@ -1,0 +1,1 @@
+"""The PostgreSQL ledger: tables, repositories (which never commit) and migrations."""

@@ -1,0 +1,221 @@
+"""All SQL lives here. Repositories never commit: the caller owns the transaction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from domain.payments import (
+    Payment,
+    PaymentInput,
+    PaymentStatus,
+    RecordOutcomeInput,
+    payment_workflow_id,
+)
+from ledger.tables import ApiClient, ApiKey, LedgerEntry, PaymentRow
+
+PROVIDER_RECEIVABLE_ACCOUNT = "provider:receivable"
+
+
+def client_payable_account(client_id: str) -> str:
+    return f"client:{client_id}:payable"
+
+
+@dataclass(frozen=True)
+class StoredPayment:
+    payment: Payment
+    request_fingerprint: str
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    client_id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class WebhookTarget:
+    url: str | None
+    secret: str
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _to_domain(row: PaymentRow) -> Payment:
+    return Payment(
+        id=row.id,
+        client_id=row.client_id,
+        idempotency_key=row.idempotency_key,
+        status=PaymentStatus(row.status),
+        amount=row.amount,
+        currency=row.currency,
+        description=row.description,
+        metadata=dict(row.metadata_ or {}),
+        failure_code=row.failure_code,
+        failure_message=row.failure_message,
+        provider_charge_id=row.provider_charge_id,
+        created_at=_iso(row.created_at),
+        updated_at=_iso(row.updated_at),
+    )
+
+
+class PaymentRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def get_by_key(self, client_id: str, idempotency_key: str) -> StoredPayment | None:
+        row = await self._session.scalar(
+            select(PaymentRow).where(
+                PaymentRow.client_id == client_id,
+                PaymentRow.idempotency_key == idempotency_key,
+            )
+        )
+        return None if row is None else StoredPayment(_to_domain(row), row.request_fingerprint)
+
+    async def get(self, client_id: str, payment_id: str) -> Payment | None:
+        row = await self._session.scalar(
+            select(PaymentRow).where(PaymentRow.id == payment_id, PaymentRow.client_id == client_id)
+        )
+        return None if row is None else _to_domain(row)
+
+    async def get_by_id(self, payment_id: str) -> Payment | None:
+        """Unscoped read, for the worker only: the API always scopes by client."""
+        row = await self._session.get(PaymentRow, payment_id)
+        return None if row is None else _to_domain(row)
+
+    async def open(self, payment: PaymentInput) -> StoredPayment:
+        """Insert the payment as ``processing`` unless its (client, key) row exists already."""
+        request = payment.request
+        await self._session.execute(
+            insert(PaymentRow)
+            .values(
+                id=payment.payment_id,
+                client_id=payment.client_id,
+                idempotency_key=payment.idempotency_key,
+                request_fingerprint=payment.request_fingerprint,
+                amount=request.amount,
+                currency=request.currency,
+                payment_method=request.payment_method,
+                description=request.description,
+                metadata_=request.metadata,
+                status=PaymentStatus.PROCESSING.value,
+                workflow_id=payment_workflow_id(payment.client_id, payment.idempotency_key),
+            )
+            .on_conflict_do_nothing(constraint="uq_payments_client_key")
+        )
+        stored = await self.get_by_key(payment.client_id, payment.idempotency_key)
+        if stored is None:  # pragma: no cover - the insert or the conflicting row guarantees one
+            raise RuntimeError("payment row vanished after insert")
+        return stored
+
+    async def record_outcome(self, outcome: RecordOutcomeInput) -> Payment:
+        """Move a processing payment to its outcome and post its entries, exactly once.
+
+        The row lock serialises concurrent recorders; a second call finds the payment
+        terminal and returns it unchanged.
+        """
+        row = await self._session.scalar(
+            select(PaymentRow).where(PaymentRow.id == outcome.payment_id).with_for_update()
+        )
+        if row is None:
+            raise LookupError(f"payment {outcome.payment_id} does not exist")
+        if row.status != PaymentStatus.PROCESSING.value:
+            return _to_domain(row)
+
+        await self._session.execute(
+            update(PaymentRow)
+            .where(PaymentRow.id == row.id)
+            .values(
+                status=outcome.status.value,
+                provider_charge_id=outcome.provider_charge_id,
+                failure_code=outcome.failure_code,
+                failure_message=outcome.failure_message,
+                updated_at=func.now(),
+            )
+        )
+        if outcome.status is PaymentStatus.SUCCEEDED:
+            await self._session.execute(
+                insert(LedgerEntry).values(
+                    [
+                        {
+                            "payment_id": row.id,
+                            "entry_kind": "charge",
+                            "account": PROVIDER_RECEIVABLE_ACCOUNT,
+                            "amount": row.amount,
+                            "currency": row.currency,
+                        },
+                        {
+                            "payment_id": row.id,
+                            "entry_kind": "charge",
+                            "account": client_payable_account(row.client_id),
+                            "amount": -row.amount,
+                            "currency": row.currency,
+                        },
+                    ]
+                )
+            )
+        await self._session.refresh(row)
+        return _to_domain(row)
+
+    async def entries_balance(self, payment_id: str) -> tuple[int, int]:
+        """(number of entries, their sum) for one payment."""
+        result = await self._session.execute(
+            select(
+                func.count(LedgerEntry.id), func.coalesce(func.sum(LedgerEntry.amount), 0)
+            ).where(LedgerEntry.payment_id == payment_id)
+        )
+        count, total = result.one()
+        return int(count), int(total)
+
+
+class ClientRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def add(
+        self,
+        *,
+        client_id: str,
+        name: str,
+        webhook_url: str | None,
+        webhook_secret: str,
+    ) -> None:
+        self._session.add(
+            ApiClient(
+                id=client_id, name=name, webhook_url=webhook_url, webhook_secret=webhook_secret
+            )
+        )
+        await self._session.flush()
+
+    async def add_key(
+        self, *, key_id: str, client_id: str, key_hash: str, display_prefix: str
+    ) -> None:
+        self._session.add(
+            ApiKey(id=key_id, client_id=client_id, key_hash=key_hash, display_prefix=display_prefix)
+        )
+        await self._session.flush()
+
+    async def exists(self, client_id: str) -> bool:
+        return (await self._session.get(ApiClient, client_id)) is not None
+
+    async def identity_for_key_hash(self, key_hash: str) -> ClientIdentity | None:
+        row = (
+            await self._session.execute(
+                select(ApiClient.id, ApiClient.name)
+                .join(ApiKey, ApiKey.client_id == ApiClient.id)
+                .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
+            )
+        ).first()
+        return None if row is None else ClientIdentity(client_id=row[0], name=row[1])
+
+    async def webhook_target(self, client_id: str) -> WebhookTarget | None:
+        client = await self._session.get(ApiClient, client_id)
+        if client is None:
+            return None
+        return WebhookTarget(url=client.webhook_url, secret=client.webhook_secret)

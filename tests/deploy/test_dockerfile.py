@@ -1,0 +1,39 @@
+"""No Docker engine runs here, so the image recipe is checked by what can run:
+every path it copies exists, and its entry points import."""
+
+from __future__ import annotations
+
+import importlib
+import shlex
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKERFILE = REPO / "deploy" / "Dockerfile"
+
+
+def _instructions() -> list[tuple[str, list[str]]]:
+    lines = [
+        line.strip()
+        for line in DOCKERFILE.read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    return [(line.split()[0].upper(), shlex.split(line)[1:]) for line in lines]
+
+
+def test_every_copied_source_exists() -> None:
+    copies = [args for op, args in _instructions() if op == "COPY" and not args[0].startswith("--")]
+    assert copies, "the Dockerfile copies the application"
+    for args in copies:
+        for source in args[:-1]:
+            assert (REPO / source).exists(), f"Dockerfile copies missing path {source}"
+
+
+def test_every_package_the_project_ships_is_copied() -> None:
+    copied = {args[0] for op, args in _instructions() if op == "COPY"}
+    for package in ("activities", "admin", "api", "config", "domain", "ledger", "workflows"):
+        assert package in copied, f"package {package} is not in the image"
+
+
+def test_image_entry_points_import() -> None:
+    for module in ("api.app", "worker", "ledger.migrate"):
+        importlib.import_module(module)

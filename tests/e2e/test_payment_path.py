@@ -1,0 +1,161 @@
+"""The whole stack, started the way ``make run`` starts it, driven over HTTP only."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from standardwebhooks import Webhook
+from temporalio.client import Client
+
+from domain.payments import payment_workflow_id
+from tests.helpers.e2e import E2EStack, wait_until
+
+pytestmark = pytest.mark.e2e
+
+VISA = {"amount": 1250, "currency": "EUR", "payment_method": "pm_card_visa", "description": "t"}
+
+
+def _headers(api_key: str, idempotency_key: str | None = None) -> dict[str, str]:
+    headers = {"Authorization": f"Bearer {api_key}"}
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = idempotency_key
+    return headers
+
+
+async def test_a_payment_succeeds_and_its_webhook_arrives_signed(stack: E2EStack) -> None:
+    key = str(uuid.uuid4())
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+        response = await http.post(
+            "/v1/payments", json=VISA, headers=_headers(stack.client.api_key, key)
+        )
+        assert response.status_code == 201, response.text
+        payment = response.json()
+        assert payment["status"] == "succeeded"
+        assert payment["amount"] == 1250 and payment["currency"] == "EUR"
+        assert payment["provider_charge_id"].startswith("ch_")
+        assert response.headers["Location"] == f"/v1/payments/{payment['id']}"
+        assert "Idempotent-Replayed" not in response.headers
+
+        read_back = await http.get(
+            f"/v1/payments/{payment['id']}", headers=_headers(stack.client.api_key)
+        )
+        assert read_back.status_code == 200
+        assert read_back.json()["status"] == "succeeded"
+
+    events = await wait_until(
+        lambda: [e for e in stack.webhooks() if json.loads(e.body)["data"]["id"] == payment["id"]],
+        timeout=30,
+    )
+    event = events[0]
+    verified = Webhook(stack.client.webhook_secret).verify(event.body, event.headers)
+    assert verified["type"] == "payment.succeeded"
+    assert verified["data"]["status"] == "succeeded"
+
+    assert (await stack.provider_stats())["charges_by_key"][payment["id"]] == 1
+    assert await stack.ledger_balance(payment["id"]) == (2, 0)
+
+
+async def test_fifty_concurrent_duplicates_make_one_run_and_one_charge(stack: E2EStack) -> None:
+    key = str(uuid.uuid4())
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as http:
+
+        async def send() -> httpx.Response:
+            return await http.post(
+                "/v1/payments", json=VISA, headers=_headers(stack.client.api_key, key)
+            )
+
+        responses = await asyncio.gather(*(send() for _ in range(50)))
+
+    assert {r.status_code for r in responses} == {201}, [r.text for r in responses][:3]
+    bodies: list[dict[str, Any]] = [r.json() for r in responses]
+    assert len({b["id"] for b in bodies}) == 1
+    assert {b["status"] for b in bodies} == {"succeeded"}
+    replayed = [r.headers.get("Idempotent-Replayed") for r in responses]
+    assert replayed.count(None) == 1, "exactly one request is the original"
+    assert replayed.count("true") == 49
+
+    payment_id = bodies[0]["id"]
+    assert (await stack.provider_stats())["charges_by_key"][payment_id] == 1
+    assert await stack.ledger_balance(payment_id) == (2, 0)
+
+    temporal = await Client.connect(stack.temporal_address)
+    runs = [
+        execution
+        async for execution in temporal.list_workflows(
+            f"WorkflowId = '{payment_workflow_id(stack.client.client_id, key)}'"
+        )
+    ]
+    # Visibility is eventually consistent; one run is what it must converge to.
+    assert len(runs) <= 1
+    handle = temporal.get_workflow_handle(payment_workflow_id(stack.client.client_id, key))
+    description = await handle.describe()
+    history = await handle.fetch_history()
+    started = [e for e in history.events if e.HasField("workflow_execution_started_event_attributes")]
+    assert len(started) == 1
+    assert description.run_id == started[0].workflow_execution_started_event_attributes.original_execution_run_id
+
+
+async def test_a_declined_card_ends_failed_with_its_code(stack: E2EStack) -> None:
+    body = {**VISA, "payment_method": "pm_card_chargeDeclined"}
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+        response = await http.post(
+            "/v1/payments", json=body, headers=_headers(stack.client.api_key, str(uuid.uuid4()))
+        )
+    assert response.status_code == 201, response.text
+    payment = response.json()
+    assert payment["status"] == "failed"
+    assert payment["failure_code"] == "card_declined"
+    assert (await stack.provider_stats())["charges_by_key"].get(payment["id"], 0) == 0
+    assert await stack.ledger_balance(payment["id"]) == (0, 0)
+
+
+async def test_a_finished_payment_replays_and_a_different_body_is_refused(
+    stack: E2EStack,
+) -> None:
+    key = str(uuid.uuid4())
+    headers = _headers(stack.client.api_key, key)
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+        first = await http.post("/v1/payments", json=VISA, headers=headers)
+        again = await http.post("/v1/payments", json=VISA, headers=headers)
+        different = await http.post(
+            "/v1/payments", json={**VISA, "amount": 999}, headers=headers
+        )
+
+    assert first.status_code == again.status_code == 201
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert different.status_code == 422
+    assert different.headers["content-type"].startswith("application/problem+json")
+    assert different.json()["type"].endswith("/idempotency-key-reused")
+    assert (await stack.provider_stats())["charges_by_key"][first.json()["id"]] == 1
+
+
+async def test_errors_are_problem_json(stack: E2EStack) -> None:
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+        no_key = await http.post("/v1/payments", json=VISA, headers=_headers(stack.client.api_key))
+        bad_auth = await http.post(
+            "/v1/payments", json=VISA, headers=_headers("sk_not_a_key", str(uuid.uuid4()))
+        )
+        invalid = await http.post(
+            "/v1/payments",
+            json={**VISA, "amount": -5, "status": "succeeded"},
+            headers=_headers(stack.client.api_key, str(uuid.uuid4())),
+        )
+        missing = await http.get("/v1/payments/pay_nope", headers=_headers(stack.client.api_key))
+
+    assert no_key.status_code == 400
+    assert no_key.json()["type"].endswith("/idempotency-key-missing")
+    assert bad_auth.status_code == 401
+    assert bad_auth.headers["WWW-Authenticate"].startswith("Bearer")
+    assert invalid.status_code == 400
+    fields = {error["field"] for error in invalid.json()["errors"]}
+    assert {"amount", "status"} <= fields
+    assert missing.status_code == 404
+    for response in (no_key, bad_auth, invalid, missing):
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert response.json()["status"] == response.status_code

@@ -1,0 +1,26 @@
+"""Wait for something that becomes true eventually (as sdk-python's tests/helpers do)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+async def wait_until(
+    probe: Callable[[], T | Awaitable[T]], *, timeout: float = 10.0, interval: float = 0.1
+) -> T:
+    """Return the probe's first truthy result; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s (last: {result!r})")
+        await asyncio.sleep(interval)

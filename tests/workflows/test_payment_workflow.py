@@ -1,0 +1,275 @@
+"""PaymentWorkflow's logic on the time-skipping test server, activities replaced.
+
+The fakes are registered under the real activities' names, as samples-python does,
+and count what the workflow asked of them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import pytest
+from temporalio import activity
+from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from config.settings import venv_bin
+from domain.payments import (
+    AttachRequest,
+    AttachResult,
+    ChargeInput,
+    ChargeResult,
+    DeclineDetails,
+    ErrorType,
+    FindChargeInput,
+    FindChargeResult,
+    NotifyInput,
+    OpenPaymentInput,
+    Payment,
+    PaymentInput,
+    PaymentRequest,
+    PaymentStatus,
+    RecordOutcomeInput,
+)
+from tests.helpers.temporal import register_search_attributes
+from workflows.payment import AWAIT_OUTCOME_UPDATE, PaymentWorkflow
+
+
+@pytest.fixture(scope="module")
+async def env() -> AsyncIterator[WorkflowEnvironment]:
+    environment = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=venv_bin("temporal-test-server")
+    )
+    try:
+        await register_search_attributes(environment.client)
+        yield environment
+    finally:
+        await environment.shutdown()
+
+
+@dataclass
+class FakeProviderAndLedger:
+    """Stands in for the provider, the ledger and the webhook receiver."""
+
+    charge_failures_before_success: int = 0
+    decline_code: str | None = None
+    webhook_failures: int = 0
+    charge_attempts: int = 0
+    charges: list[str] = field(default_factory=list)
+    recorded: list[RecordOutcomeInput] = field(default_factory=list)
+    webhook_attempts: int = 0
+    webhooks_delivered: list[NotifyInput] = field(default_factory=list)
+    opened: dict[str, PaymentInput] = field(default_factory=dict)
+
+    def activities(self) -> list[object]:
+        @activity.defn(name="open_payment")
+        async def open_payment(input: OpenPaymentInput) -> Payment:
+            self.opened[input.payment.payment_id] = input.payment
+            return _processing(input.payment)
+
+        @activity.defn(name="charge_payment")
+        async def charge_payment(input: ChargeInput) -> ChargeResult:
+            self.charge_attempts += 1
+            if self.charge_attempts <= self.charge_failures_before_success:
+                raise ApplicationError("provider answered 500", type=ErrorType.PROVIDER_UNAVAILABLE)
+            if self.decline_code is not None:
+                raise ApplicationError(
+                    "Your card was declined.",
+                    DeclineDetails(self.decline_code, "Your card was declined."),
+                    type=ErrorType.PAYMENT_DECLINED,
+                    non_retryable=True,
+                )
+            charge_id = f"ch_{input.payment_id}"
+            if charge_id not in self.charges:
+                self.charges.append(charge_id)
+            return ChargeResult(charge_id=charge_id, status="succeeded")
+
+        @activity.defn(name="find_charge")
+        async def find_charge(input: FindChargeInput) -> FindChargeResult:
+            return FindChargeResult(charge_id=None)
+
+        @activity.defn(name="record_outcome")
+        async def record_outcome(input: RecordOutcomeInput) -> Payment:
+            self.recorded.append(input)
+            opened = self.opened[input.payment_id]
+            return Payment(
+                **{
+                    **_processing(opened).__dict__,
+                    "status": input.status,
+                    "provider_charge_id": input.provider_charge_id,
+                    "failure_code": input.failure_code,
+                    "failure_message": input.failure_message,
+                }
+            )
+
+        @activity.defn(name="notify_webhook")
+        async def notify_webhook(input: NotifyInput) -> None:
+            self.webhook_attempts += 1
+            if self.webhook_attempts <= self.webhook_failures:
+                raise ApplicationError("receiver answered 503", type=ErrorType.WEBHOOK_DELIVERY_FAILED)
+            self.webhooks_delivered.append(input)
+
+        return [open_payment, charge_payment, find_charge, record_outcome, notify_webhook]
+
+
+def _processing(payment: PaymentInput) -> Payment:
+    return Payment(
+        id=payment.payment_id,
+        client_id=payment.client_id,
+        idempotency_key=payment.idempotency_key,
+        status=PaymentStatus.PROCESSING,
+        amount=payment.request.amount,
+        currency=payment.request.currency,
+    )
+
+
+def _payment_input(payment_method: str = "pm_card_visa") -> PaymentInput:
+    request = PaymentRequest(amount=1250, currency="EUR", payment_method=payment_method)
+    return PaymentInput(
+        payment_id=f"pay_{uuid.uuid4().hex[:12]}",
+        client_id="cli_test",
+        idempotency_key=str(uuid.uuid4()),
+        request=request,
+        request_fingerprint=request.fingerprint(),
+        origin_request_id="first-request",
+    )
+
+
+async def _start(
+    client: Client, fakes: FakeProviderAndLedger, payment: PaymentInput
+) -> tuple[Worker, WorkflowHandle[PaymentWorkflow, Payment]]:
+    task_queue = f"tq-{uuid.uuid4()}"
+    worker = Worker(
+        client, task_queue=task_queue, workflows=[PaymentWorkflow], activities=fakes.activities()
+    )
+    handle = await client.start_workflow(
+        PaymentWorkflow.run, payment, id=f"payment-{payment.payment_id}", task_queue=task_queue
+    )
+    return worker, handle
+
+
+async def _attach(
+    handle: WorkflowHandle[PaymentWorkflow, Payment], request_id: str, fingerprint: str
+) -> AttachResult:
+    result: AttachResult = await handle.execute_update(
+        AWAIT_OUTCOME_UPDATE,
+        AttachRequest(request_id=request_id, request_fingerprint=fingerprint),
+        result_type=AttachResult,
+    )
+    return result
+
+
+async def test_successful_payment_charges_once_records_and_notifies(
+    env: WorkflowEnvironment,
+) -> None:
+    fakes = FakeProviderAndLedger()
+    payment = _payment_input()
+    worker, handle = await _start(env.client, fakes, payment)
+    async with worker:
+        attached = await _attach(handle, "first-request", payment.request_fingerprint)
+        result = await handle.result()
+
+    assert attached.payment.status is PaymentStatus.SUCCEEDED
+    assert attached.replayed is False
+    assert result.status is PaymentStatus.SUCCEEDED
+    assert result.provider_charge_id == f"ch_{payment.payment_id}"
+    assert fakes.charges == [f"ch_{payment.payment_id}"]
+    assert [r.status for r in fakes.recorded] == [PaymentStatus.SUCCEEDED]
+    assert [w.event_type for w in fakes.webhooks_delivered] == ["payment.succeeded"]
+
+
+async def test_decline_ends_failed_with_failure_code_and_no_retry(
+    env: WorkflowEnvironment,
+) -> None:
+    fakes = FakeProviderAndLedger(decline_code="insufficient_funds")
+    payment = _payment_input("pm_card_chargeDeclinedInsufficientFunds")
+    worker, handle = await _start(env.client, fakes, payment)
+    async with worker:
+        result = await handle.result()
+
+    assert result.status is PaymentStatus.FAILED
+    assert result.failure_code == "insufficient_funds"
+    assert fakes.charge_attempts == 1, "a decline is a business outcome, never retried"
+    assert fakes.charges == []
+    assert [w.event_type for w in fakes.webhooks_delivered] == ["payment.failed"]
+
+
+async def test_provider_errors_are_retried_until_the_charge_succeeds(
+    env: WorkflowEnvironment,
+) -> None:
+    fakes = FakeProviderAndLedger(charge_failures_before_success=2)
+    payment = _payment_input()
+    worker, handle = await _start(env.client, fakes, payment)
+    async with worker:
+        result = await handle.result()
+
+    assert result.status is PaymentStatus.SUCCEEDED
+    assert fakes.charge_attempts == 3
+    assert len(fakes.charges) == 1
+    history = await handle.fetch_history()
+    charge_events = [
+        event
+        for event in history.events
+        if event.HasField("activity_task_started_event_attributes")
+    ]
+    assert charge_events[0].activity_task_started_event_attributes.attempt == 3
+
+
+async def test_webhook_failing_for_hours_never_fails_the_payment(
+    env: WorkflowEnvironment,
+) -> None:
+    # 20 failures at 5 s doubling to a 15 min cap is about four hours of retrying.
+    fakes = FakeProviderAndLedger(webhook_failures=20)
+    payment = _payment_input()
+    worker, handle = await _start(env.client, fakes, payment)
+    async with worker:
+        attached = await _attach(handle, "first-request", payment.request_fingerprint)
+        assert attached.payment.status is PaymentStatus.SUCCEEDED
+        assert fakes.webhooks_delivered == [], "the client got its answer before the webhook"
+        started = await env.get_current_time()
+        result = await handle.result()
+        elapsed = await env.get_current_time() - started
+
+    assert result.status is PaymentStatus.SUCCEEDED
+    assert fakes.webhook_attempts == 21
+    assert len(fakes.webhooks_delivered) == 1
+    assert elapsed > timedelta(hours=3)
+    assert len(fakes.charges) == 1
+
+
+async def test_duplicate_attach_gets_the_same_payment_marked_replayed(
+    env: WorkflowEnvironment,
+) -> None:
+    fakes = FakeProviderAndLedger()
+    payment = _payment_input()
+    worker, handle = await _start(env.client, fakes, payment)
+    async with worker:
+        first = await _attach(handle, "first-request", payment.request_fingerprint)
+        duplicate = await _attach(handle, "second-request", payment.request_fingerprint)
+        await handle.result()
+
+    assert duplicate.payment == first.payment
+    assert (first.replayed, duplicate.replayed) == (False, True)
+    assert fakes.charge_attempts == 1
+
+
+async def test_attach_with_a_different_body_is_rejected_and_changes_nothing(
+    env: WorkflowEnvironment,
+) -> None:
+    fakes = FakeProviderAndLedger()
+    payment = _payment_input()
+    worker, handle = await _start(env.client, fakes, payment)
+    async with worker:
+        with pytest.raises(WorkflowUpdateFailedError) as rejected:
+            await _attach(handle, "other-request", "a-different-fingerprint")
+        result = await handle.result()
+
+    assert isinstance(rejected.value.cause, ApplicationError)
+    assert rejected.value.cause.type == ErrorType.IDEMPOTENCY_KEY_REUSED
+    assert result.status is PaymentStatus.SUCCEEDED
+    assert fakes.charge_attempts == 1

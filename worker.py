@@ -1,0 +1,86 @@
+"""The worker: runs PaymentWorkflow and its activities on the ``payments`` task queue.
+
+SIGTERM or SIGINT stops polling, lets running activities finish within
+``graceful_shutdown_timeout`` and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from datetime import timedelta
+
+import httpx
+import structlog
+from activities.provider_client import ProviderClient
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.payments import PaymentActivities
+from activities.webhooks import WebhookSender
+from config.logging import configure_logging
+from config.settings import Settings
+from config.temporal import connect_temporal
+from ledger.db import create_engine, session_factory
+from workflows.payment import PaymentWorkflow
+
+log = structlog.get_logger("worker")
+
+GRACEFUL_SHUTDOWN = timedelta(seconds=20)
+
+
+async def run_worker(settings: Settings) -> None:
+    engine = create_engine(settings)
+    provider = ProviderClient(
+        base_url=settings.provider_url,
+        api_key=settings.provider_api_key.get_secret_value(),
+        timeout_seconds=settings.provider_timeout_seconds,
+    )
+    webhook_http = httpx.AsyncClient(
+        timeout=settings.webhook_timeout_seconds, follow_redirects=False
+    )
+    activities = PaymentActivities(session_factory(engine), provider, WebhookSender(webhook_http))
+    client: Client = await connect_temporal(settings)
+    worker = Worker(
+        client,
+        task_queue=settings.temporal_task_queue,
+        workflows=[PaymentWorkflow],
+        activities=[
+            activities.open_payment,
+            activities.charge_payment,
+            activities.find_charge,
+            activities.record_outcome,
+            activities.notify_webhook,
+        ],
+        graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    log.info("worker.started", task_queue=settings.temporal_task_queue)
+    async with worker:
+        await stop.wait()
+        log.info("worker.stopping", drain_seconds=GRACEFUL_SHUTDOWN.total_seconds())
+    await provider.aclose()
+    await webhook_http.aclose()
+    await engine.dispose()
+    log.info("worker.stopped")
+
+
+def main() -> int:
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    asyncio.run(run_worker(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    rc = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)

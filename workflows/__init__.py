@@ -1,0 +1,1 @@
+"""Deterministic workflow code: no I/O, no clock, no randomness outside the SDK's."""

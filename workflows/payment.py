@@ -1,0 +1,270 @@
+"""PaymentWorkflow: open the record, charge once, record the outcome, tell the client.
+
+The client's first request and every duplicate attach through the ``await_outcome``
+update, which answers as soon as the outcome is in the ledger; the webhook is
+delivered afterwards and may retry for hours without holding anyone up.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.payments import PaymentActivities
+    from domain import search_attributes
+    from domain.payments import (
+        AttachRequest,
+        AttachResult,
+        ChargeInput,
+        ErrorType,
+        FindChargeInput,
+        NotifyInput,
+        OpenPaymentInput,
+        Payment,
+        PaymentInput,
+        PaymentStatus,
+        RecordOutcomeInput,
+    )
+
+# Ledger writes are short local activities; PostgreSQL coming back is only a matter
+# of time, so they retry without limit.
+LEDGER_START_TO_CLOSE = timedelta(seconds=10)
+LEDGER_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+)
+
+# Paid attempts are bounded by a budget; when it runs out the outcome is unknown
+# and is resolved by asking the provider, never by guessing.
+CHARGE_START_TO_CLOSE = timedelta(seconds=30)
+CHARGE_BUDGET = timedelta(minutes=5)
+CHARGE_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+    non_retryable_error_types=[ErrorType.PAYMENT_DECLINED, ErrorType.INVALID_PAYMENT_REQUEST],
+)
+LOOKUP_START_TO_CLOSE = timedelta(seconds=30)
+LOOKUP_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=2),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=2),
+)
+
+# A webhook receiver being down must never fail the payment: retry for three days.
+WEBHOOK_START_TO_CLOSE = timedelta(seconds=30)
+WEBHOOK_BUDGET = timedelta(hours=72)
+WEBHOOK_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=5),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=15),
+)
+
+AWAIT_OUTCOME_UPDATE = "await_outcome"
+
+_BUSINESS_FAILURES = {ErrorType.PAYMENT_DECLINED, ErrorType.INVALID_PAYMENT_REQUEST}
+
+
+def _application_cause(error: ActivityError) -> ApplicationError | None:
+    cause = error.cause
+    return cause if isinstance(cause, ApplicationError) else None
+
+
+def _decline_fields(error: ApplicationError) -> tuple[str, str]:
+    details: Any = error.details[0] if error.details else {}
+    if isinstance(details, dict):
+        return str(details.get("failure_code", "card_declined")), str(
+            details.get("failure_message", error.message)
+        )
+    return "card_declined", error.message
+
+
+@workflow.defn(name="Payment")
+class PaymentWorkflow:
+    @workflow.init
+    def __init__(self, input: PaymentInput) -> None:
+        self._input = input
+        self._payment: Payment | None = None
+        self._key_reused = False
+
+    @workflow.run
+    async def run(self, input: PaymentInput) -> Payment:
+        workflow.set_current_details("Opening the payment record in the ledger")
+        try:
+            await workflow.execute_local_activity_method(
+                PaymentActivities.open_payment,
+                OpenPaymentInput(payment=input),
+                start_to_close_timeout=LEDGER_START_TO_CLOSE,
+                retry_policy=LEDGER_RETRY,
+                summary="Open the payment record",
+            )
+        except ActivityError as err:
+            cause = _application_cause(err)
+            if cause is not None and cause.type == ErrorType.IDEMPOTENCY_KEY_REUSED:
+                self._key_reused = True
+                await workflow.wait_condition(workflow.all_handlers_finished)
+            raise
+
+        outcome = await self._charge(input)
+        workflow.set_current_details("Recording the outcome in the ledger")
+        payment = await workflow.execute_local_activity_method(
+            PaymentActivities.record_outcome,
+            outcome,
+            start_to_close_timeout=LEDGER_START_TO_CLOSE,
+            retry_policy=LEDGER_RETRY,
+            summary=f"Record {outcome.status} in the ledger",
+        )
+        self._payment = payment
+        workflow.upsert_search_attributes(
+            [
+                search_attributes.PAYMENT_STATUS.value_set(str(payment.status)),
+                *(
+                    [search_attributes.PROVIDER_CHARGE_ID.value_set(payment.provider_charge_id)]
+                    if payment.provider_charge_id
+                    else []
+                ),
+                *(
+                    [search_attributes.FAILURE_CODE.value_set(payment.failure_code)]
+                    if payment.failure_code
+                    else []
+                ),
+            ]
+        )
+
+        await self._notify(payment)
+        workflow.set_current_details(f"Done: {payment.status}")
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return payment
+
+    async def _charge(self, input: PaymentInput) -> RecordOutcomeInput:
+        request = input.request
+        workflow.set_current_details("Waiting for the provider to charge the card")
+        try:
+            charge = await workflow.execute_activity_method(
+                PaymentActivities.charge_payment,
+                ChargeInput(
+                    payment_id=input.payment_id,
+                    amount=request.amount,
+                    currency=request.currency,
+                    payment_method=request.payment_method,
+                    description=request.description,
+                ),
+                start_to_close_timeout=CHARGE_START_TO_CLOSE,
+                schedule_to_close_timeout=CHARGE_BUDGET,
+                retry_policy=CHARGE_RETRY,
+                summary=f"Charge {request.amount} {request.currency} at the provider",
+            )
+        except ActivityError as err:
+            cause = _application_cause(err)
+            if cause is not None and cause.type in _BUSINESS_FAILURES:
+                failure_code, failure_message = _decline_fields(cause)
+                return RecordOutcomeInput(
+                    payment_id=input.payment_id,
+                    status=PaymentStatus.FAILED,
+                    failure_code=failure_code,
+                    failure_message=failure_message,
+                )
+            workflow.logger.warning(
+                "Charge budget spent without an answer; asking the provider",
+                extra={"payment_id": input.payment_id},
+            )
+            return await self._resolve_unknown_outcome(input)
+        return RecordOutcomeInput(
+            payment_id=input.payment_id,
+            status=PaymentStatus.SUCCEEDED,
+            provider_charge_id=charge.charge_id,
+        )
+
+    async def _resolve_unknown_outcome(self, input: PaymentInput) -> RecordOutcomeInput:
+        workflow.set_current_details("Charge outcome unknown: looking it up at the provider")
+        found = await workflow.execute_activity_method(
+            PaymentActivities.find_charge,
+            FindChargeInput(payment_id=input.payment_id),
+            start_to_close_timeout=LOOKUP_START_TO_CLOSE,
+            retry_policy=LOOKUP_RETRY,
+            summary="Look up the charge by its idempotency key",
+        )
+        if found.charge_id is not None and found.status == "succeeded":
+            return RecordOutcomeInput(
+                payment_id=input.payment_id,
+                status=PaymentStatus.SUCCEEDED,
+                provider_charge_id=found.charge_id,
+            )
+        if found.charge_id is not None:
+            return RecordOutcomeInput(
+                payment_id=input.payment_id,
+                status=PaymentStatus.FAILED,
+                provider_charge_id=found.charge_id,
+                failure_code=found.failure_code or "card_declined",
+                failure_message="The provider declined the charge.",
+            )
+        return RecordOutcomeInput(
+            payment_id=input.payment_id,
+            status=PaymentStatus.FAILED,
+            failure_code="provider_unavailable",
+            failure_message="The provider could not be reached; no charge was made.",
+        )
+
+    async def _notify(self, payment: Payment) -> None:
+        event_type = (
+            "payment.succeeded" if payment.status is PaymentStatus.SUCCEEDED else "payment.failed"
+        )
+        workflow.set_current_details(f"Delivering the {event_type} webhook to the client")
+        try:
+            await workflow.execute_activity_method(
+                PaymentActivities.notify_webhook,
+                NotifyInput(payment_id=payment.id, event_type=event_type),
+                start_to_close_timeout=WEBHOOK_START_TO_CLOSE,
+                schedule_to_close_timeout=WEBHOOK_BUDGET,
+                retry_policy=WEBHOOK_RETRY,
+                summary=f"Send the {event_type} webhook",
+            )
+        except ActivityError:
+            # The money moved (or did not) either way; the client can still read the payment.
+            workflow.logger.error(
+                "Webhook undeliverable within its budget", extra={"payment_id": payment.id}
+            )
+
+    @workflow.update(name=AWAIT_OUTCOME_UPDATE)
+    async def await_outcome(self, request: AttachRequest) -> AttachResult:
+        await workflow.wait_condition(lambda: self._payment is not None or self._key_reused)
+        if self._payment is None:
+            raise ApplicationError(
+                "this idempotency key was already used with a different request",
+                type=ErrorType.IDEMPOTENCY_KEY_REUSED,
+            )
+        return AttachResult(
+            payment=self._payment,
+            replayed=request.request_id != self._input.origin_request_id,
+        )
+
+    @await_outcome.validator
+    def _validate_same_request(self, request: AttachRequest) -> None:
+        # Rejected updates leave no trace in the history: a conflicting body changes nothing.
+        if request.request_fingerprint != self._input.request_fingerprint:
+            raise ApplicationError(
+                "this idempotency key was already used with a different request",
+                type=ErrorType.IDEMPOTENCY_KEY_REUSED,
+            )
+
+    @workflow.query(name="status")
+    def status(self) -> Payment:
+        if self._payment is not None:
+            return self._payment
+        request = self._input.request
+        return Payment(
+            id=self._input.payment_id,
+            client_id=self._input.client_id,
+            idempotency_key=self._input.idempotency_key,
+            status=PaymentStatus.PROCESSING,
+            amount=request.amount,
+            currency=request.currency,
+            description=request.description,
+            metadata=dict(request.metadata),
+        )
