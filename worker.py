@@ -14,11 +14,11 @@ from datetime import timedelta
 
 import httpx
 import structlog
-from activities.provider_client import ProviderClient
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.payments import PaymentActivities
+from activities.provider_client import ProviderClient
 from activities.webhooks import WebhookSender
 from config.logging import configure_logging
 from config.settings import Settings

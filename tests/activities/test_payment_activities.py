@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from standardwebhooks import Webhook
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.payments import PaymentActivities
 from admin.clients import add_client
+from devstack.webhook_receiver import WebhookReceiver
 from domain.payments import (
     ChargeInput,
     ErrorType,
@@ -165,17 +168,17 @@ async def test_opening_twice_keeps_one_row_and_a_different_body_is_refused(
     assert reused.value.type == ErrorType.IDEMPOTENCY_KEY_REUSED
     async with sessions() as session:
         stored = await PaymentRepository(session).get_by_key(client_id, payment.idempotency_key)
-    assert stored is not None and stored.payment.amount == payment.request.amount
+    assert stored is not None
+    assert stored.payment.amount == payment.request.amount
 
 
 async def test_webhook_is_signed_and_keeps_its_id_across_retries(
     activities: PaymentActivities,
     sessions: async_sessionmaker[AsyncSession],
-    webhook_receiver_url: str,
-    received_webhooks: list[dict[str, object]],
+    webhook_receiver: WebhookReceiver,
 ) -> None:
     async with sessions() as session, session.begin():
-        created = await add_client(session, name="webhook-tests", webhook_url=webhook_receiver_url)
+        created = await add_client(session, name="webhook-tests", webhook_url=webhook_receiver.url)
     payment = _payment_input(created.client_id)
     env = ActivityEnvironment()
     await env.run(activities.open_payment, OpenPaymentInput(payment))
@@ -188,10 +191,17 @@ async def test_webhook_is_signed_and_keeps_its_id_across_retries(
     await env.run(activities.notify_webhook, notify)
     await env.run(activities.notify_webhook, notify)
 
-    mine = [event for event in received_webhooks if event["payment_id"] == payment.payment_id]
+    mine = [
+        event
+        for event in webhook_receiver.received
+        if json.loads(event.body)["data"]["id"] == payment.payment_id
+    ]
     assert len(mine) == 2
-    assert all(event["verified_with"] == created.webhook_secret for event in mine)
-    assert mine[0]["webhook_id"] == mine[1]["webhook_id"]
+    for event in mine:
+        verified = Webhook(created.webhook_secret).verify(event.body, event.headers)
+        assert verified["type"] == "payment.succeeded"
+        assert verified["data"]["status"] == "succeeded"
+    assert mine[0].headers["webhook-id"] == mine[1].headers["webhook-id"]
 
 
 async def test_webhook_receiver_down_is_a_retryable_error(

@@ -36,7 +36,8 @@ async def test_a_payment_succeeds_and_its_webhook_arrives_signed(stack: E2EStack
         assert response.status_code == 201, response.text
         payment = response.json()
         assert payment["status"] == "succeeded"
-        assert payment["amount"] == 1250 and payment["currency"] == "EUR"
+        assert payment["amount"] == 1250
+        assert payment["currency"] == "EUR"
         assert payment["provider_charge_id"].startswith("ch_")
         assert response.headers["Location"] == f"/v1/payments/{payment['id']}"
         assert "Idempotent-Replayed" not in response.headers
@@ -49,7 +50,7 @@ async def test_a_payment_succeeds_and_its_webhook_arrives_signed(stack: E2EStack
 
     events = await wait_until(
         lambda: [e for e in stack.webhooks() if json.loads(e.body)["data"]["id"] == payment["id"]],
-        timeout=30,
+        within=30,
     )
     event = events[0]
     verified = Webhook(stack.client.webhook_secret).verify(event.body, event.headers)
@@ -95,9 +96,14 @@ async def test_fifty_concurrent_duplicates_make_one_run_and_one_charge(stack: E2
     handle = temporal.get_workflow_handle(payment_workflow_id(stack.client.client_id, key))
     description = await handle.describe()
     history = await handle.fetch_history()
-    started = [e for e in history.events if e.HasField("workflow_execution_started_event_attributes")]
+    started = [
+        e for e in history.events if e.HasField("workflow_execution_started_event_attributes")
+    ]
     assert len(started) == 1
-    assert description.run_id == started[0].workflow_execution_started_event_attributes.original_execution_run_id
+    assert (
+        description.run_id
+        == started[0].workflow_execution_started_event_attributes.original_execution_run_id
+    )
 
 
 async def test_a_declined_card_ends_failed_with_its_code(stack: E2EStack) -> None:
@@ -122,9 +128,7 @@ async def test_a_finished_payment_replays_and_a_different_body_is_refused(
     async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
         first = await http.post("/v1/payments", json=VISA, headers=headers)
         again = await http.post("/v1/payments", json=VISA, headers=headers)
-        different = await http.post(
-            "/v1/payments", json={**VISA, "amount": 999}, headers=headers
-        )
+        different = await http.post("/v1/payments", json={**VISA, "amount": 999}, headers=headers)
 
     assert first.status_code == again.status_code == 201
     assert again.json()["id"] == first.json()["id"]

@@ -11,10 +11,10 @@ T = TypeVar("T")
 
 
 async def wait_until(
-    probe: Callable[[], T | Awaitable[T]], *, timeout: float = 10.0, interval: float = 0.1
+    probe: Callable[[], T | Awaitable[T]], *, within: float = 10.0, interval: float = 0.1
 ) -> T:
-    """Return the probe's first truthy result; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+    """Return the probe's first truthy result; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
     while True:
         result = probe()
         if isinstance(result, Awaitable):
@@ -22,5 +22,5 @@ async def wait_until(
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s (last: {result!r})")
+            raise AssertionError(f"condition not met within {within} s (last: {result!r})")
         await asyncio.sleep(interval)

@@ -111,7 +111,9 @@ class FakeProviderAndLedger:
         async def notify_webhook(input: NotifyInput) -> None:
             self.webhook_attempts += 1
             if self.webhook_attempts <= self.webhook_failures:
-                raise ApplicationError("receiver answered 503", type=ErrorType.WEBHOOK_DELIVERY_FAILED)
+                raise ApplicationError(
+                    "receiver answered 503", type=ErrorType.WEBHOOK_DELIVERY_FAILED
+                )
             self.webhooks_delivered.append(input)
 
         return [open_payment, charge_payment, find_charge, record_outcome, notify_webhook]

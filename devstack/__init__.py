@@ -1,0 +1,1 @@
+"""The local stack: every real component, started and supervised by one command."""

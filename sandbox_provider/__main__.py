@@ -1,0 +1,33 @@
+"""``python -m sandbox_provider --port 8100 [--db FILE] [--api-key KEY] [--seed N]``"""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+
+from config.logging import configure_logging
+from config.settings import DEV_PROVIDER_API_KEY
+from sandbox_provider.app import create_app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m sandbox_provider")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--db", default=None, help="SQLite file; in memory when omitted")
+    parser.add_argument("--api-key", default=DEV_PROVIDER_API_KEY)
+    parser.add_argument("--seed", type=int, default=None, help="seed for random faults")
+    args = parser.parse_args()
+    configure_logging()
+    uvicorn.run(
+        create_app(args.db, args.api_key, args.seed),
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        access_log=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

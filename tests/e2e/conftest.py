@@ -1,0 +1,23 @@
+"""One stack for the end-to-end module, started exactly as ``make run`` starts it
+(same code path), on free ports and in a temporary data directory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from config.settings import Settings
+from devstack.stack import Stack, StackConfig
+from ledger.db import create_engine, session_factory
+from tests.helpers.e2e import E2EStack
+
+
+@pytest.fixture(scope="session")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[E2EStack]:
+    config = StackConfig.for_tests(tmp_path_factory.mktemp("stack"))
+    async with Stack(config) as running:
+        assert running.demo_client is not None
+        engine = create_engine(Settings(database_url=running.database_url))
+        yield E2EStack(running, running.demo_client, session_factory(engine))
+        await engine.dispose()
