@@ -7,9 +7,10 @@ and count what the workflow asked of them.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from temporalio import activity
@@ -66,7 +67,7 @@ class FakeProviderAndLedger:
     webhooks_delivered: list[NotifyInput] = field(default_factory=list)
     opened: dict[str, PaymentInput] = field(default_factory=dict)
 
-    def activities(self) -> list[object]:
+    def activities(self) -> list[Callable[..., Any]]:
         @activity.defn(name="open_payment")
         async def open_payment(input: OpenPaymentInput) -> Payment:
             self.opened[input.payment.payment_id] = input.payment

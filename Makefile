@@ -1,0 +1,41 @@
+# Two commands do everything: `make run` (the whole stack) and `make test`.
+# Each creates .venv on first use and reinstalls only when pyproject.toml or the
+# constraints change, so a fresh clone needs nothing but Python 3.11+.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONSTRAINTS := $(wildcard constraints.txt)
+
+.PHONY: run test test-fast lint format clean-data
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (found " + sys.version.split()[0] + "); set PYTHON=python3.11")'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "Installing dependencies into $(VENV) (first run takes a minute) ..."
+	@$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[dev]'
+	@touch $@
+
+run: $(STAMP)
+	@$(PY) -m devstack run
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+test: lint
+	$(PY) -m pytest
+
+# Everything but the end-to-end tests: for the edit-test loop.
+test-fast: lint
+	$(PY) -m pytest -m "not e2e"
+
+clean-data:
+	rm -rf .data
