@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from activities.provider_client import (
     ProviderClient,
@@ -90,6 +90,8 @@ class PaymentActivities:
                 DeclineDetails(decline_failure_code(exc.code, exc.decline_code), exc.message),
                 type=ErrorType.PAYMENT_DECLINED,
                 non_retryable=True,
+                # An expected business outcome: logged at DEBUG, not as a worker failure.
+                category=ApplicationErrorCategory.BENIGN,
             ) from exc
         except ProviderInvalidRequest as exc:
             raise ApplicationError(
@@ -97,6 +99,7 @@ class PaymentActivities:
                 DeclineDetails(exc.code, exc.message),
                 type=ErrorType.INVALID_PAYMENT_REQUEST,
                 non_retryable=True,
+                category=ApplicationErrorCategory.BENIGN,
             ) from exc
         except ProviderUnavailable as exc:
             raise ApplicationError(str(exc), type=ErrorType.PROVIDER_UNAVAILABLE) from exc

@@ -31,6 +31,7 @@ def configure_logging(
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.stdlib.ExtraAdder(),
+        _drop_color_message,
     ]
     renderer: structlog.types.Processor = (
         structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
@@ -56,8 +57,10 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Per-request access lines come from our own middleware; uvicorn's would double them.
+    # Per-request access lines come from our own middleware; uvicorn's would double them,
+    # and httpx would add one line per provider or webhook call.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
@@ -66,4 +69,12 @@ def configure_logging(
 def _identity(
     _logger: object, _name: str, event_dict: structlog.types.EventDict
 ) -> structlog.types.EventDict:
+    return event_dict
+
+
+def _drop_color_message(
+    _logger: object, _name: str, event_dict: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    # uvicorn duplicates its message with ANSI codes in an extra field.
+    event_dict.pop("color_message", None)
     return event_dict

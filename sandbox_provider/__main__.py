@@ -7,7 +7,7 @@ import argparse
 import uvicorn
 
 from config.logging import configure_logging
-from config.settings import DEV_PROVIDER_API_KEY
+from config.settings import DEV_PROVIDER_API_KEY, Settings
 from sandbox_provider.app import create_app
 
 
@@ -19,7 +19,8 @@ def main() -> None:
     parser.add_argument("--api-key", default=DEV_PROVIDER_API_KEY)
     parser.add_argument("--seed", type=int, default=None, help="seed for random faults")
     args = parser.parse_args()
-    configure_logging()
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(
         create_app(args.db, args.api_key, args.seed),
         host=args.host,
