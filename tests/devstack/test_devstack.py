@@ -47,10 +47,15 @@ async def test_postgres_keeps_its_data_across_restarts_and_crashes(tmp_path: Pat
 
 
 async def test_temporal_restarts_on_its_file_with_our_search_attributes(tmp_path: Path) -> None:
-    ports = {"port": free_port(), "http_port": free_port(), "metrics_port": free_port()}
+    port, http_port, metrics_port = free_port(), free_port(), free_port()
     for _ in range(2):  # the second start re-registers attributes that already exist
         server = TemporalDevServer(
-            tmp_path / "temporal.db", ui_port=None, log_path=tmp_path / "t.log", **ports
+            tmp_path / "temporal.db",
+            port=port,
+            ui_port=None,
+            http_port=http_port,
+            metrics_port=metrics_port,
+            log_path=tmp_path / "t.log",
         )
         await server.start()
         try:
