@@ -18,6 +18,7 @@ from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.common import (
     SearchAttributePair,
@@ -115,6 +116,7 @@ class PaymentService:
                 return PaymentAnswer(stored.payment, replayed=True)
 
         request_id = uuid.uuid4().hex
+        workflow_id = payment_workflow_id(client_id, key)
         payment_input = PaymentInput(
             payment_id=payment_id_for(client_id, key),
             client_id=client_id,
@@ -126,7 +128,7 @@ class PaymentService:
         start = WithStartWorkflowOperation(
             PaymentWorkflow.run,
             payment_input,
-            id=payment_workflow_id(client_id, key),
+            id=workflow_id,
             task_queue=self._task_queue,
             # Both explicit: a duplicate attaches to a running payment, and a closed
             # one is never started again (the ledger then answers).
@@ -151,19 +153,20 @@ class PaymentService:
             ),
         )
         try:
-            result: AttachResult = await asyncio.wait_for(
-                self._temporal.execute_update_with_start_workflow(
+            async with asyncio.timeout(wait_seconds):
+                result: AttachResult = await self._temporal.execute_update_with_start_workflow(
                     # By name: the SDK's typing of a named async update loses its result type.
                     AWAIT_OUTCOME_UPDATE,
                     AttachRequest(request_id=request_id, request_fingerprint=fingerprint),
                     start_workflow_operation=start,
                     result_type=AttachResult,
-                ),
-                timeout=wait_seconds,
-            )
-        except TimeoutError:
-            # Still in flight: answer with what we know; the client polls or waits for
-            # the webhook. The payment is durable either way.
+                )
+        except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+            # Out of patience (the SDK reports a cancelled call as the latter). A 202
+            # promises the payment exists, so say it only once Temporal confirms the run;
+            # otherwise a retry with the same key is the safe answer.
+            if not await self._run_exists(workflow_id):
+                raise temporal_unavailable() from None
             return await self._processing_answer(payment_input, replayed=stored is not None)
         except WorkflowUpdateFailedError as exc:
             cause = exc.cause
@@ -187,6 +190,15 @@ class PaymentService:
                 raise temporal_unavailable() from exc
             raise
         return PaymentAnswer(result.payment, replayed=result.replayed or stored is not None)
+
+    async def _run_exists(self, workflow_id: str) -> bool:
+        try:
+            await self._temporal.get_workflow_handle(workflow_id).describe()
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                return False
+            raise temporal_unavailable() from exc
+        return True
 
     async def _processing_answer(
         self, payment_input: PaymentInput, *, replayed: bool

@@ -13,6 +13,7 @@ from standardwebhooks import Webhook
 from temporalio.client import Client
 
 from domain.payments import payment_workflow_id
+from tests.e2e.conftest import PROCESSING_WAIT_SECONDS
 from tests.helpers.e2e import E2EStack, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -163,3 +164,33 @@ async def test_errors_are_problem_json(stack: E2EStack) -> None:
     for response in (no_key, bad_auth, invalid, missing):
         assert response.headers["content-type"].startswith("application/problem+json")
         assert response.json()["status"] == response.status_code
+
+
+async def test_a_slow_charge_answers_202_processing_then_completes_once(stack: E2EStack) -> None:
+    # The provider takes longer than the API waits: the client gets 202 and polls.
+    await stack.provider.set_faults(latency_ms=int(PROCESSING_WAIT_SECONDS * 1000) + 1500)
+    key = str(uuid.uuid4())
+    headers = _headers(stack.client.api_key, key)
+    try:
+        async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+            first = await http.post("/v1/payments", json=VISA, headers=headers)
+            duplicate = await http.post("/v1/payments", json=VISA, headers=headers)
+            location = first.headers["Location"]
+
+            async def succeeded() -> dict[str, Any] | None:
+                body: dict[str, Any] = (
+                    await http.get(location, headers=_headers(stack.client.api_key))
+                ).json()
+                return body if body["status"] == "succeeded" else None
+
+            final: dict[str, Any] | None = await wait_until(succeeded, within=30, interval=0.2)
+            assert final is not None
+    finally:
+        await stack.provider.clear_faults()
+
+    assert first.status_code == 202, first.text
+    assert first.json()["status"] == "processing"
+    assert duplicate.status_code in (201, 202)
+    assert duplicate.headers["Idempotent-Replayed"] == "true"
+    assert duplicate.json()["id"] == first.json()["id"] == final["id"]
+    assert (await stack.provider_stats())["charges_by_key"][final["id"]] == 1

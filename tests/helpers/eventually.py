@@ -11,7 +11,10 @@ T = TypeVar("T")
 
 
 async def wait_until(
-    probe: Callable[[], T | Awaitable[T]], *, within: float = 10.0, interval: float = 0.1
+    probe: Callable[[], Awaitable[T]] | Callable[[], T],
+    *,
+    within: float = 10.0,
+    interval: float = 0.1,
 ) -> T:
     """Return the probe's first truthy result; fail after ``within`` seconds."""
     deadline = time.monotonic() + within
