@@ -61,6 +61,10 @@ _TRANSIENT_RPC = {
 }
 
 
+# Names the request that started a run, readable with one describe() and no worker.
+ORIGIN_REQUEST_MEMO = "origin_request_id"
+
+
 @dataclass(frozen=True)
 class PaymentAnswer:
     payment: Payment
@@ -145,6 +149,7 @@ class PaymentService:
                     SearchAttributePair(search_attributes.CURRENCY, request.currency),
                 ]
             ),
+            memo={ORIGIN_REQUEST_MEMO: request_id},
             static_summary=summary_for(client_name, key, request),
             static_details=(
                 f"Payment {payment_input.payment_id}\n"
@@ -165,9 +170,12 @@ class PaymentService:
             # Out of patience (the SDK reports a cancelled call as the latter). A 202
             # promises the payment exists, so say it only once Temporal confirms the run;
             # otherwise a retry with the same key is the safe answer.
-            if not await self._run_exists(workflow_id):
+            origin = await self._run_origin(workflow_id)
+            if origin is None:
                 raise temporal_unavailable() from None
-            return await self._processing_answer(payment_input, replayed=stored is not None)
+            # Only the request whose start created the run is the original, even if the
+            # payment finished while we were waiting.
+            return await self._current_answer(payment_input, replayed=origin != request_id)
         except WorkflowUpdateFailedError as exc:
             cause = exc.cause
             if (
@@ -191,16 +199,18 @@ class PaymentService:
             raise
         return PaymentAnswer(result.payment, replayed=result.replayed or stored is not None)
 
-    async def _run_exists(self, workflow_id: str) -> bool:
+    async def _run_origin(self, workflow_id: str) -> str | None:
+        """The request id that started the run, or None if Temporal has no such run."""
         try:
-            await self._temporal.get_workflow_handle(workflow_id).describe()
+            description = await self._temporal.get_workflow_handle(workflow_id).describe()
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
-                return False
+                return None
             raise temporal_unavailable() from exc
-        return True
+        origin = await description.memo_value(ORIGIN_REQUEST_MEMO, default="")
+        return str(origin)
 
-    async def _processing_answer(
+    async def _current_answer(
         self, payment_input: PaymentInput, *, replayed: bool
     ) -> PaymentAnswer:
         stored = await self._stored(payment_input.client_id, payment_input.idempotency_key)

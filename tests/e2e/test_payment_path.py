@@ -189,7 +189,27 @@ async def test_a_slow_charge_answers_202_processing_then_completes_once(stack: E
 
     assert first.status_code == 202, first.text
     assert first.json()["status"] == "processing"
+    assert "Idempotent-Replayed" not in first.headers
     assert duplicate.status_code in (201, 202)
     assert duplicate.headers["Idempotent-Replayed"] == "true"
     assert duplicate.json()["id"] == first.json()["id"] == final["id"]
     assert (await stack.provider_stats())["charges_by_key"][final["id"]] == 1
+
+
+async def test_another_clients_same_key_is_an_unrelated_payment(stack: E2EStack) -> None:
+    other = await stack.stack.add_client("other-tenant")
+    key = str(uuid.uuid4())
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+        mine = await http.post(
+            "/v1/payments", json=VISA, headers=_headers(stack.client.api_key, key)
+        )
+        theirs = await http.post("/v1/payments", json=VISA, headers=_headers(other.api_key, key))
+        peek = await http.get(f"/v1/payments/{mine.json()['id']}", headers=_headers(other.api_key))
+
+    assert mine.status_code == theirs.status_code == 201
+    assert mine.json()["id"] != theirs.json()["id"]
+    assert "Idempotent-Replayed" not in theirs.headers
+    assert peek.status_code == 404, "another client's payment does not exist for you"
+    stats = await stack.provider_stats()
+    assert stats["charges_by_key"][mine.json()["id"]] == 1
+    assert stats["charges_by_key"][theirs.json()["id"]] == 1
