@@ -128,6 +128,33 @@ def create_app(db_path: str | None, api_key: str, seed: int | None = None) -> Fa
                 return _error(401, "invalid_request_error", "unauthorized", "Invalid API key.")
         return await call_next(request)
 
+    async def admit(scope: str, idempotency_key: str | None) -> Response | None:
+        """Refuse a request without a key, count it, and play any injected fault."""
+        if not idempotency_key:
+            return _error(
+                400,
+                "invalid_request_error",
+                "idempotency_key_required",
+                f"This sandbox requires an Idempotency-Key on every {scope}.",
+            )
+        store.count_request(scope, idempotency_key)
+        return await faults.before()
+
+    def replay_or_conflict(scope: str, idempotency_key: str, fingerprint: str) -> Response | None:
+        """The stored answer for a key used before, or a refusal if the parameters differ."""
+        stored = store.stored_response(scope, idempotency_key)
+        if stored is None:
+            return None
+        if stored.fingerprint != fingerprint:
+            return _error(
+                400,
+                "idempotency_error",
+                "idempotency_key_reused",
+                "Keys for idempotent requests can only be used with the same "
+                "parameters they were first used with.",
+            )
+        return _replay(stored.status_code, stored.body)
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -137,31 +164,15 @@ def create_app(db_path: str | None, api_key: str, seed: int | None = None) -> Fa
         body: ChargeBody,
         idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
     ) -> Response:
-        if not idempotency_key:
-            return _error(
-                400,
-                "invalid_request_error",
-                "idempotency_key_required",
-                "This sandbox requires an Idempotency-Key on every charge.",
-            )
-        store.count_request("charge", idempotency_key)
-        if (injected := await faults.before()) is not None:
-            return injected
+        if (refused := await admit("charge", idempotency_key)) is not None:
+            return refused
+        assert idempotency_key is not None
         params = body.model_dump()
         params["currency"] = params["currency"].lower()
         fingerprint = _fingerprint(params)
         async with key_locks[idempotency_key]:
-            stored = store.stored_response("charge", idempotency_key)
-            if stored is not None:
-                if stored.fingerprint != fingerprint:
-                    return _error(
-                        400,
-                        "idempotency_error",
-                        "idempotency_key_reused",
-                        "Keys for idempotent requests can only be used with the same "
-                        "parameters they were first used with.",
-                    )
-                return _replay(stored.status_code, stored.body)
+            if earlier := replay_or_conflict("charge", idempotency_key, fingerprint):
+                return earlier
             if body.payment_method not in SUCCEEDS and body.payment_method not in DECLINES:
                 response_body = {
                     "error": {
@@ -223,30 +234,14 @@ def create_app(db_path: str | None, api_key: str, seed: int | None = None) -> Fa
         body: RefundBody,
         idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
     ) -> Response:
-        if not idempotency_key:
-            return _error(
-                400,
-                "invalid_request_error",
-                "idempotency_key_required",
-                "This sandbox requires an Idempotency-Key on every refund.",
-            )
-        store.count_request("refund", idempotency_key)
-        if (injected := await faults.before()) is not None:
-            return injected
+        if (refused := await admit("refund", idempotency_key)) is not None:
+            return refused
+        assert idempotency_key is not None
         fingerprint = _fingerprint(body.model_dump())
         # One lock per charge: concurrent refunds of a charge can never exceed it.
         async with key_locks["refund:" + body.charge]:
-            stored = store.stored_response("refund", idempotency_key)
-            if stored is not None:
-                if stored.fingerprint != fingerprint:
-                    return _error(
-                        400,
-                        "idempotency_error",
-                        "idempotency_key_reused",
-                        "Keys for idempotent requests can only be used with the same "
-                        "parameters they were first used with.",
-                    )
-                return _replay(stored.status_code, stored.body)
+            if earlier := replay_or_conflict("refund", idempotency_key, fingerprint):
+                return earlier
             charge = store.charge(body.charge)
             if charge is None:
                 return _error(
