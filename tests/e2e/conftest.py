@@ -12,16 +12,13 @@ from devstack.stack import Stack, StackConfig
 from ledger.db import create_engine, session_factory
 from tests.helpers.e2e import E2EStack
 
-PROCESSING_WAIT_SECONDS = 2.0
+# The API's bounded wait, as `make run` configures it (the settings' default).
+PROCESSING_WAIT_SECONDS = Settings().api_wait_seconds
 
 
 @pytest.fixture(scope="session")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[E2EStack]:
-    # A short wait keeps the "still processing" test quick; every other payment here
-    # finishes in well under a second.
-    config = StackConfig.for_tests(tmp_path_factory.mktemp("stack")).with_env(
-        PAYMENTS_API_WAIT_SECONDS=str(PROCESSING_WAIT_SECONDS)
-    )
+    config = StackConfig.for_tests(tmp_path_factory.mktemp("stack"))
     async with Stack(config) as running:
         assert running.demo_client is not None
         engine = create_engine(Settings(database_url=running.database_url))

@@ -167,7 +167,7 @@ async def test_errors_are_problem_json(stack: E2EStack) -> None:
 
 async def test_a_slow_charge_answers_202_processing_then_completes_once(stack: E2EStack) -> None:
     # The provider takes longer than the API waits: the client gets 202 and polls.
-    await stack.provider.set_faults(latency_ms=int(PROCESSING_WAIT_SECONDS * 1000) + 1500)
+    await stack.provider.set_faults(latency_ms=int(PROCESSING_WAIT_SECONDS * 1000) + 1000)
     key = str(uuid.uuid4())
     headers = _headers(stack.client.api_key, key)
     try:
