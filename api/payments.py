@@ -61,8 +61,9 @@ _TRANSIENT_RPC = {
 }
 
 
-# Names the request that started a run, readable with one describe() and no worker.
+# The request that started a run, readable with one describe() and no worker.
 ORIGIN_REQUEST_MEMO = "origin_request_id"
+ORIGIN_FINGERPRINT_MEMO = "request_fingerprint"
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class PaymentService:
                     SearchAttributePair(search_attributes.CURRENCY, request.currency),
                 ]
             ),
-            memo={ORIGIN_REQUEST_MEMO: request_id},
+            memo={ORIGIN_REQUEST_MEMO: request_id, ORIGIN_FINGERPRINT_MEMO: fingerprint},
             static_summary=summary_for(client_name, key, request),
             static_details=(
                 f"Payment {payment_input.payment_id}\n"
@@ -173,9 +174,14 @@ class PaymentService:
             origin = await self._run_origin(workflow_id)
             if origin is None:
                 raise temporal_unavailable() from None
+            if origin.request_fingerprint != fingerprint:
+                # The validator never saw this request: the run's own memo judges.
+                raise idempotency_key_reused() from None
             # Only the request whose start created the run is the original, even if the
             # payment finished while we were waiting.
-            return await self._current_answer(payment_input, replayed=origin != request_id)
+            return await self._current_answer(
+                payment_input, replayed=origin.request_id != request_id
+            )
         except WorkflowUpdateFailedError as exc:
             cause = exc.cause
             if (
@@ -199,16 +205,19 @@ class PaymentService:
             raise
         return PaymentAnswer(result.payment, replayed=result.replayed or stored is not None)
 
-    async def _run_origin(self, workflow_id: str) -> str | None:
-        """The request id that started the run, or None if Temporal has no such run."""
+    async def _run_origin(self, workflow_id: str) -> AttachRequest | None:
+        """The request that started the run, or None if Temporal has no such run."""
         try:
             description = await self._temporal.get_workflow_handle(workflow_id).describe()
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 return None
             raise temporal_unavailable() from exc
-        origin = await description.memo_value(ORIGIN_REQUEST_MEMO, default="")
-        return str(origin)
+        memo = await description.memo()
+        return AttachRequest(
+            request_id=str(memo.get(ORIGIN_REQUEST_MEMO, "")),
+            request_fingerprint=str(memo.get(ORIGIN_FINGERPRINT_MEMO, "")),
+        )
 
     async def _current_answer(
         self, payment_input: PaymentInput, *, replayed: bool

@@ -213,3 +213,28 @@ async def test_another_clients_same_key_is_an_unrelated_payment(stack: E2EStack)
     stats = await stack.provider_stats()
     assert stats["charges_by_key"][mine.json()["id"]] == 1
     assert stats["charges_by_key"][theirs.json()["id"]] == 1
+
+
+async def test_concurrent_requests_with_one_key_and_different_bodies_cannot_both_win(
+    stack: E2EStack,
+) -> None:
+    await stack.provider.set_faults(latency_ms=1000)  # both arrive while the charge runs
+    key = str(uuid.uuid4())
+    headers = _headers(stack.client.api_key, key)
+    bodies = [{**VISA, "amount": 1000 + n} for n in range(6)]
+    try:
+        async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+            responses = await asyncio.gather(
+                *(http.post("/v1/payments", json=body, headers=headers) for body in bodies)
+            )
+    finally:
+        await stack.provider.clear_faults()
+
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [201, 422, 422, 422, 422, 422], [r.text for r in responses]
+    winner = next(r.json() for r in responses if r.status_code == 201)
+    for loser in (r for r in responses if r.status_code == 422):
+        assert loser.json()["type"].endswith("/idempotency-key-reused")
+    stats = await stack.provider_stats()
+    assert stats["charges_by_key"][winner["id"]] == 1
+    assert await stack.ledger_balance(winner["id"]) == (2, 0)
