@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -113,12 +114,26 @@ async def _run(args: argparse.Namespace) -> int:
         return 1
     print(_banner(stack), flush=True)
 
-    await stop.wait()
-    print("\nStopping: API, worker (drains running activities), provider, Temporal, "
-          "PostgreSQL ...", flush=True)  # fmt: skip
+    exited = await _watch(stack, stop)
+    if exited:
+        print(f"\n{', '.join(exited)} stopped unexpectedly (its output is above); "
+              "stopping the rest ...", file=sys.stderr, flush=True)  # fmt: skip
+    else:
+        print("\nStopping: API, worker (drains running activities), provider, Temporal, "
+              "PostgreSQL ...", flush=True)  # fmt: skip
     await stack.stop()
     print("Stopped.", flush=True)
-    return 0
+    return 1 if exited else 0
+
+
+async def _watch(stack: Stack, stop: asyncio.Event) -> list[str]:
+    """Wait for Ctrl-C; a service dying on its own ends the run too, loudly."""
+    while not stop.is_set():
+        if exited := stack.exited_services():
+            return exited
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:

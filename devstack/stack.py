@@ -237,6 +237,17 @@ class Stack:
             raise
         self.timings["total"] = time.monotonic() - started
 
+    def exited_services(self) -> list[str]:
+        """Services that should be running but are not, with their exit codes."""
+        processes = [
+            self.postgres.process,
+            self.temporal.process,
+            self.provider,
+            self.worker,
+            self.api,
+        ]
+        return [f"{p.name} (exit code {p.returncode})" for p in processes if not p.running]
+
     async def start_worker(self) -> None:
         if self.worker.running:
             raise RuntimeError("worker already running")
