@@ -222,23 +222,18 @@ class PaymentService:
     async def _current_answer(
         self, payment_input: PaymentInput, *, replayed: bool
     ) -> PaymentAnswer:
-        stored = await self._stored(payment_input.client_id, payment_input.idempotency_key)
-        if stored is not None:
-            return PaymentAnswer(stored.payment, replayed=replayed)
-        request = payment_input.request
-        return PaymentAnswer(
-            Payment(
-                id=payment_input.payment_id,
-                client_id=payment_input.client_id,
-                idempotency_key=payment_input.idempotency_key,
-                status=PaymentStatus.PROCESSING,
-                amount=request.amount,
-                currency=request.currency,
-                description=request.description,
-                metadata=dict(request.metadata),
-            ),
-            replayed=replayed,
-        )
+        """The payment as the ledger has it, opening its row if no worker has yet.
+
+        Called only once Temporal confirmed the run, so the row never outlives a run
+        that does not exist; the workflow's own (idempotent) open finds it later, and
+        ``GET /v1/payments/{id}`` works even while every worker is down.
+        """
+        try:
+            async with self._sessions() as session, session.begin():
+                stored = await PaymentRepository(session).open(payment_input)
+        except (OperationalError, DBAPIError) as exc:
+            raise database_unavailable() from exc
+        return PaymentAnswer(stored.payment, replayed=replayed)
 
     async def _closed_run_answer(self, client_id: str, key: str, fingerprint: str) -> PaymentAnswer:
         """The run for this key has closed: the ledger row is the durable answer."""

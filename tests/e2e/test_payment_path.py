@@ -238,3 +238,37 @@ async def test_concurrent_requests_with_one_key_and_different_bodies_cannot_both
     stats = await stack.provider_stats()
     assert stats["charges_by_key"][winner["id"]] == 1
     assert await stack.ledger_balance(winner["id"]) == (2, 0)
+
+
+async def test_a_payment_accepted_while_no_worker_runs_is_readable_and_completes_once(
+    stack: E2EStack,
+) -> None:
+    key = str(uuid.uuid4())
+    await stack.stack.worker.terminate()
+    try:
+        async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+            accepted = await http.post(
+                "/v1/payments", json=VISA, headers=_headers(stack.client.api_key, key)
+            )
+            read = await http.get(
+                accepted.headers["Location"], headers=_headers(stack.client.api_key)
+            )
+    finally:
+        await stack.stack.start_worker()
+
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["status"] == "processing"
+    assert read.status_code == 200, "a 202 is durable: the payment can be read back at once"
+    assert read.json()["status"] == "processing"
+
+    async def succeeded() -> bool:
+        async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+            body = (
+                await http.get(accepted.headers["Location"], headers=_headers(stack.client.api_key))
+            ).json()
+        return bool(body["status"] == "succeeded")
+
+    await wait_until(succeeded, within=60, interval=0.2)
+    payment_id = accepted.json()["id"]
+    assert (await stack.provider_stats())["charges_by_key"][payment_id] == 1
+    assert await stack.ledger_balance(payment_id) == (2, 0)

@@ -3,24 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TypeVar, overload
 
 T = TypeVar("T")
 
 
+@overload
 async def wait_until(
-    probe: Callable[[], Awaitable[T]] | Callable[[], T],
-    *,
-    within: float = 10.0,
-    interval: float = 0.1,
-) -> T:
+    probe: Callable[[], Awaitable[T]], *, within: float = ..., interval: float = ...
+) -> T: ...
+
+
+@overload
+async def wait_until(
+    probe: Callable[[], T], *, within: float = ..., interval: float = ...
+) -> T: ...
+
+
+async def wait_until(
+    probe: Callable[[], object], *, within: float = 10.0, interval: float = 0.1
+) -> object:
     """Return the probe's first truthy result; fail after ``within`` seconds."""
     deadline = time.monotonic() + within
     while True:
         result = probe()
-        if isinstance(result, Awaitable):
+        if inspect.isawaitable(result):
             result = await result
         if result:
             return result
