@@ -115,7 +115,9 @@ class PaymentActivities:
             raise ApplicationError(str(exc), type=ErrorType.PROVIDER_UNAVAILABLE) from exc
         if charge is None:
             return FindChargeResult(charge_id=None)
-        return FindChargeResult(charge_id=charge.id, status=charge.status)
+        return FindChargeResult(
+            charge_id=charge.id, status=charge.status, failure_code=charge.failure_code
+        )
 
     @activity.defn(name="record_outcome")
     async def record_outcome(self, input: RecordOutcomeInput) -> Payment:

@@ -54,6 +54,7 @@ class ProviderCharge:
     currency: str
     status: str
     amount_refunded: int = 0
+    failure_code: str | None = None
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,7 @@ def _charge(data: dict[str, Any]) -> ProviderCharge:
             currency=str(data["currency"]).upper(),
             status=str(data["status"]),
             amount_refunded=int(data.get("amount_refunded", 0)),
+            failure_code=None if data.get("failure_code") is None else str(data["failure_code"]),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ProviderUnavailable(

@@ -87,6 +87,10 @@ async def test_decline_is_a_non_retryable_error_with_its_failure_code(
     assert declined.value.details[0].failure_code == "insufficient_funds"
     stats = await sandbox_provider.stats()
     assert stats["charges_by_key"].get(payment.payment_id, 0) == 0
+    found = await ActivityEnvironment().run(
+        activities.find_charge, FindChargeInput(payment.payment_id)
+    )
+    assert (found.status, found.failure_code) == ("failed", "insufficient_funds")
 
 
 async def test_provider_outage_is_a_retryable_error(

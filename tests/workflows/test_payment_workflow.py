@@ -66,6 +66,9 @@ class FakeProviderAndLedger:
     webhook_attempts: int = 0
     webhooks_delivered: list[NotifyInput] = field(default_factory=list)
     opened: dict[str, PaymentInput] = field(default_factory=dict)
+    # What a lookup by idempotency key finds once the charge budget is spent.
+    charge_found_by_lookup: str | None = None
+    lookups: int = 0
 
     def activities(self) -> list[Callable[..., Any]]:
         @activity.defn(name="open_payment")
@@ -92,7 +95,10 @@ class FakeProviderAndLedger:
 
         @activity.defn(name="find_charge")
         async def find_charge(input: FindChargeInput) -> FindChargeResult:
-            return FindChargeResult(charge_id=None)
+            self.lookups += 1
+            if self.charge_found_by_lookup is None:
+                return FindChargeResult(charge_id=None)
+            return FindChargeResult(charge_id=self.charge_found_by_lookup, status="succeeded")
 
         @activity.defn(name="record_outcome")
         async def record_outcome(input: RecordOutcomeInput) -> Payment:
@@ -276,3 +282,34 @@ async def test_attach_with_a_different_body_is_rejected_and_changes_nothing(
     assert rejected.value.cause.type == ErrorType.IDEMPOTENCY_KEY_REUSED
     assert result.status is PaymentStatus.SUCCEEDED
     assert fakes.charge_attempts == 1
+
+
+async def test_an_unanswered_charge_is_resolved_by_looking_it_up(env: WorkflowEnvironment) -> None:
+    # The provider charged but no answer ever came back within the charge budget.
+    fakes = FakeProviderAndLedger(
+        charge_failures_before_success=10_000, charge_found_by_lookup="ch_found_later"
+    )
+    payment = _payment_input()
+    worker, handle = await _start(env.client, fakes, payment)
+    async with worker:
+        result = await handle.result()
+
+    assert result.status is PaymentStatus.SUCCEEDED
+    assert result.provider_charge_id == "ch_found_later"
+    assert fakes.lookups == 1
+    assert fakes.charge_attempts > 3, "paid attempts were retried until the budget ran out"
+
+
+async def test_a_charge_the_provider_never_saw_fails_without_guessing(
+    env: WorkflowEnvironment,
+) -> None:
+    fakes = FakeProviderAndLedger(charge_failures_before_success=10_000)
+    payment = _payment_input()
+    worker, handle = await _start(env.client, fakes, payment)
+    async with worker:
+        result = await handle.result()
+
+    assert result.status is PaymentStatus.FAILED
+    assert result.failure_code == "provider_unavailable"
+    assert fakes.lookups == 1
+    assert [w.event_type for w in fakes.webhooks_delivered] == ["payment.failed"]
