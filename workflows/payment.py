@@ -11,7 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RetryPolicy, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -85,6 +85,18 @@ def _decline_fields(error: ApplicationError) -> tuple[str, str]:
     return "card_declined", error.message
 
 
+def _outcome_search_attributes(payment: Payment) -> list[SearchAttributeUpdate[Any]]:
+    """What support staff search by once the outcome is known."""
+    updates: list[SearchAttributeUpdate[Any]] = [
+        search_attributes.PAYMENT_STATUS.value_set(str(payment.status))
+    ]
+    if payment.provider_charge_id:
+        updates.append(search_attributes.PROVIDER_CHARGE_ID.value_set(payment.provider_charge_id))
+    if payment.failure_code:
+        updates.append(search_attributes.FAILURE_CODE.value_set(payment.failure_code))
+    return updates
+
+
 @workflow.defn(name="Payment")
 class PaymentWorkflow:
     @workflow.init
@@ -121,21 +133,7 @@ class PaymentWorkflow:
             summary=f"Record {outcome.status} in the ledger",
         )
         self._payment = payment
-        workflow.upsert_search_attributes(
-            [
-                search_attributes.PAYMENT_STATUS.value_set(str(payment.status)),
-                *(
-                    [search_attributes.PROVIDER_CHARGE_ID.value_set(payment.provider_charge_id)]
-                    if payment.provider_charge_id
-                    else []
-                ),
-                *(
-                    [search_attributes.FAILURE_CODE.value_set(payment.failure_code)]
-                    if payment.failure_code
-                    else []
-                ),
-            ]
-        )
+        workflow.upsert_search_attributes(_outcome_search_attributes(payment))
 
         await self._notify(payment)
         workflow.set_current_details(f"Done: {payment.status}")
