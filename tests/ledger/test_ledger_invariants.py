@@ -1,0 +1,71 @@
+"""Invariants the database enforces whatever the code above it does."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sqlalchemy import insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from admin.clients import add_client
+from domain.payments import PaymentInput, PaymentRequest, payment_id_for
+from ledger.repositories import PaymentRepository
+from ledger.tables import LedgerEntry
+
+
+async def _opened_payment(sessions: async_sessionmaker[AsyncSession]) -> PaymentInput:
+    async with sessions() as session, session.begin():
+        client = await add_client(session, name="ledger-tests", webhook_url=None)
+        key = str(uuid.uuid4())
+        request = PaymentRequest(amount=900, currency="EUR", payment_method="pm_card_visa")
+        payment = PaymentInput(
+            payment_id=payment_id_for(client.client_id, key),
+            client_id=client.client_id,
+            idempotency_key=key,
+            request=request,
+            request_fingerprint=request.fingerprint(),
+            origin_request_id="r",
+        )
+        await PaymentRepository(session).open(payment)
+    return payment
+
+
+async def test_an_unbalanced_posting_is_refused_at_commit(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    payment = await _opened_payment(sessions)
+    with pytest.raises(IntegrityError, match="do not sum to zero"):
+        async with sessions() as session, session.begin():
+            await session.execute(
+                insert(LedgerEntry).values(
+                    payment_id=payment.payment_id,
+                    entry_kind="charge",
+                    account="provider:receivable",
+                    amount=900,
+                    currency="EUR",
+                )
+            )
+    async with sessions() as session:
+        assert await PaymentRepository(session).entries_balance(payment.payment_id) == (0, 0)
+
+
+async def test_one_key_per_client_is_one_payment_row(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    payment = await _opened_payment(sessions)
+    other_body = PaymentRequest(amount=1, currency="EUR", payment_method="pm_card_visa")
+    async with sessions() as session, session.begin():
+        again = await PaymentRepository(session).open(
+            PaymentInput(
+                payment_id=payment.payment_id,
+                client_id=payment.client_id,
+                idempotency_key=payment.idempotency_key,
+                request=other_body,
+                request_fingerprint=other_body.fingerprint(),
+                origin_request_id="r2",
+            )
+        )
+    assert again.payment.amount == 900, "the first request's row stands"
+    assert again.request_fingerprint == payment.request_fingerprint
