@@ -58,9 +58,9 @@ Payments stack ready in {stack.timings["total"]:.1f} s
 Demo API key (client "demo", {client.client_id}):
   export API_KEY={client.api_key}
 
-Charge 12.50 EUR:
+Charge 12.50 EUR (paste as is; resend with the same Idempotency-Key to see a replay):
   curl -sS -X POST {stack.api_url}/v1/payments \\
-    -H "Authorization: Bearer $API_KEY" \\
+    -H "Authorization: Bearer {client.api_key}" \\
     -H "Idempotency-Key: $(python3 -c 'import uuid; print(uuid.uuid4())')" \\
     -H "Content-Type: application/json" \\
     -d '{DEMO_BODY}'
