@@ -94,9 +94,10 @@ class PaymentActivities:
                 category=ApplicationErrorCategory.BENIGN,
             ) from exc
         except ProviderInvalidRequest as exc:
+            code = "invalid_payment_method" if exc.code == "resource_missing" else exc.code
             raise ApplicationError(
                 exc.message,
-                DeclineDetails(exc.code, exc.message),
+                DeclineDetails(code, exc.message),
                 type=ErrorType.INVALID_PAYMENT_REQUEST,
                 non_retryable=True,
                 category=ApplicationErrorCategory.BENIGN,

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import time
 
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from admin.credentials import hash_api_key
-from api.problems import unauthorized
+from api.problems import database_unavailable, unauthorized
 from ledger.repositories import ClientIdentity, ClientRepository
 
 
@@ -27,8 +28,11 @@ class ApiKeyAuthenticator:
         cached = self._cache.get(key_hash)
         if cached is not None and cached[0] > now:
             return cached[1]
-        async with self._sessions() as session:
-            identity = await ClientRepository(session).identity_for_key_hash(key_hash)
+        try:
+            async with self._sessions() as session:
+                identity = await ClientRepository(session).identity_for_key_hash(key_hash)
+        except (OperationalError, DBAPIError) as exc:
+            raise database_unavailable() from exc
         if identity is None:
             raise unauthorized()
         self._cache[key_hash] = (now + self._cache_seconds, identity)

@@ -272,3 +272,17 @@ async def test_a_payment_accepted_while_no_worker_runs_is_readable_and_completes
     payment_id = accepted.json()["id"]
     assert (await stack.provider_stats())["charges_by_key"][payment_id] == 1
     assert await stack.ledger_balance(payment_id) == (2, 0)
+
+
+async def test_an_unknown_payment_method_fails_the_payment_with_a_clear_code(
+    stack: E2EStack,
+) -> None:
+    body = {**VISA, "payment_method": "pm_card_doesNotExist"}
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+        response = await http.post(
+            "/v1/payments", json=body, headers=_headers(stack.client.api_key, str(uuid.uuid4()))
+        )
+    assert response.status_code == 201, response.text
+    assert response.json()["status"] == "failed"
+    assert response.json()["failure_code"] == "invalid_payment_method"
+    assert (await stack.provider_stats())["charges_by_key"].get(response.json()["id"], 0) == 0
