@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 
 import structlog
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -64,6 +65,8 @@ _TRANSIENT_RPC = {
 # The request that started a run, readable with one describe() and no worker.
 ORIGIN_REQUEST_MEMO = "origin_request_id"
 ORIGIN_FINGERPRINT_MEMO = "request_fingerprint"
+# Asked after the wait ran out: a server that does not answer this fast is down for us.
+DESCRIBE_TIMEOUT = timedelta(seconds=2)
 
 
 @dataclass(frozen=True)
@@ -208,7 +211,9 @@ class PaymentService:
     async def _run_origin(self, workflow_id: str) -> AttachRequest | None:
         """The request that started the run, or None if Temporal has no such run."""
         try:
-            description = await self._temporal.get_workflow_handle(workflow_id).describe()
+            description = await self._temporal.get_workflow_handle(workflow_id).describe(
+                rpc_timeout=DESCRIBE_TIMEOUT
+            )
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 return None
