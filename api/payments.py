@@ -12,7 +12,6 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
-import structlog
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import (
@@ -50,8 +49,6 @@ from domain.payments import (
 )
 from ledger.repositories import PaymentRepository, StoredPayment
 from workflows.payment import AWAIT_OUTCOME_UPDATE, PaymentWorkflow
-
-log = structlog.get_logger(__name__)
 
 _TRANSIENT_RPC = {
     RPCStatusCode.UNAVAILABLE,
