@@ -208,9 +208,13 @@ class PaymentService:
     async def _run_origin(self, workflow_id: str) -> AttachRequest | None:
         """The request that started the run, or None if Temporal has no such run."""
         try:
-            description = await self._temporal.get_workflow_handle(workflow_id).describe(
-                rpc_timeout=DESCRIBE_TIMEOUT
-            )
+            # The SDK retries an unreachable server for up to 10 s; we have waited enough.
+            async with asyncio.timeout(DESCRIBE_TIMEOUT.total_seconds()):
+                description = await self._temporal.get_workflow_handle(workflow_id).describe(
+                    rpc_timeout=DESCRIBE_TIMEOUT
+                )
+        except TimeoutError as exc:
+            raise temporal_unavailable() from exc
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 return None
