@@ -64,9 +64,6 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
 
-    # Paths of the installed binaries (the SDK's own download does not work here)
-    temporal_cli_path: str = Field(default_factory=lambda: venv_bin("temporal"))
-
     @model_validator(mode="after")
     def _refuse_placeholder_secrets_in_production(self) -> Settings:
         if self.environment == "production":
