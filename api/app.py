@@ -11,8 +11,11 @@ import structlog
 from fastapi import FastAPI, Request, Response
 
 from api.auth import ApiKeyAuthenticator
+from api.limits import BodyLimitMiddleware
+from api.openapi import install_openapi
 from api.payments import PaymentService
 from api.problems import install_problem_handlers
+from api.ratelimit import RateLimiter
 from api.routes import payments
 from config.logging import configure_logging
 from config.settings import Settings
@@ -35,6 +38,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.authenticator = ApiKeyAuthenticator(sessions, settings.api_key_cache_seconds)
         app.state.payments = PaymentService(sessions, temporal, settings.temporal_task_queue)
+        app.state.rate_limiter = RateLimiter(
+            settings.api_rate_limit_per_second, settings.api_rate_limit_burst
+        )
         yield
         await engine.dispose()
 
@@ -48,6 +54,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_problem_handlers(app)
+    install_openapi(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
     app.include_router(payments.router)
 
     @app.get("/healthz", include_in_schema=False)

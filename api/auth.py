@@ -1,39 +1,71 @@
-"""API key → client. Keys are looked up by their SHA-256; a short in-process cache
-keeps the hot path off the database."""
+"""API key → client.
+
+Keys are 256 random bits behind a readable ``sk_`` prefix (admin/credentials.py)
+and stored as their SHA-256 only. A request's key is hashed and looked up by hash,
+so the database index never sees the key itself; the stored hash is then compared
+in constant time. Missing, unknown and revoked keys get the same 401. A short
+in-process cache keeps the hot path off the database: a revoked key is refused by
+every API process within ``cache_seconds`` (PAYMENTS_API_KEY_CACHE_SECONDS).
+The key is never logged, nor is its hash.
+"""
 
 from __future__ import annotations
 
+import hmac
 import time
+from collections.abc import Callable
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from admin.credentials import hash_api_key
+from admin.credentials import API_KEY_PREFIX, hash_api_key
 from api.problems import database_unavailable, unauthorized
 from ledger.repositories import ClientIdentity, ClientRepository
 
+# Longer than any key we issue; anything longer is refused without hashing it.
+MAX_KEY_LENGTH = 200
+
 
 class ApiKeyAuthenticator:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], cache_seconds: float) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        cache_seconds: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._sessions = sessions
         self._cache_seconds = cache_seconds
+        self._clock = clock
         self._cache: dict[str, tuple[float, ClientIdentity]] = {}
 
     async def authenticate(self, authorization: str | None) -> ClientIdentity:
         scheme, _, api_key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not api_key.strip():
+        api_key = api_key.strip()
+        if (
+            scheme.lower() != "bearer"
+            or not api_key.startswith(API_KEY_PREFIX)
+            or len(api_key) > MAX_KEY_LENGTH
+        ):
             raise unauthorized()
-        key_hash = hash_api_key(api_key.strip())
-        now = time.monotonic()
+        key_hash = hash_api_key(api_key)
+        now = self._clock()
         cached = self._cache.get(key_hash)
         if cached is not None and cached[0] > now:
             return cached[1]
         try:
             async with self._sessions() as session:
-                identity = await ClientRepository(session).identity_for_key_hash(key_hash)
+                record = await ClientRepository(session).key_for_hash(key_hash)
         except (OperationalError, DBAPIError) as exc:
             raise database_unavailable() from exc
-        if identity is None:
+        if (
+            record is None
+            or record.revoked_at is not None
+            or not hmac.compare_digest(record.key_hash, key_hash)
+        ):
+            self._cache.pop(key_hash, None)
             raise unauthorized()
-        self._cache[key_hash] = (now + self._cache_seconds, identity)
+        identity = ClientIdentity(client_id=record.client_id, name=record.client_name)
+        if self._cache_seconds > 0:
+            self._cache[key_hash] = (now + self._cache_seconds, identity)
         return identity

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request, Response, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.auth import ApiKeyAuthenticator
 from api.payments import PaymentService
+from api.problems import rate_limited
+from api.ratelimit import RateLimiter
 from config.settings import Settings
 from ledger.repositories import ClientIdentity
+
+# Documents the scheme in OpenAPI (and the Authorize button of /docs); the
+# authenticator reads the header itself so every failure is the same 401.
+bearer = HTTPBearer(
+    auto_error=False,
+    bearerFormat="sk_…",
+    description="Your API key: `Authorization: Bearer sk_…`.",
+)
 
 
 def _settings(request: Request) -> Settings:
@@ -24,10 +35,18 @@ def _payment_service(request: Request) -> PaymentService:
 
 async def _current_client(
     request: Request,
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+    response: Response,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
 ) -> ClientIdentity:
     authenticator: ApiKeyAuthenticator = request.app.state.authenticator
-    return await authenticator.authenticate(authorization)
+    client = await authenticator.authenticate(request.headers.get("authorization"))
+    limiter: RateLimiter = request.app.state.rate_limiter
+    decision = limiter.take(client.client_id)
+    headers = limiter.headers(decision)
+    if not decision.allowed:
+        raise rate_limited(decision.retry_after, headers)
+    response.headers.update(headers)
+    return client
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]

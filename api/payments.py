@@ -47,7 +47,7 @@ from domain.payments import (
     payment_id_for,
     payment_workflow_id,
 )
-from ledger.repositories import PaymentRepository, StoredPayment
+from ledger.repositories import PaymentPage, PaymentRepository, StoredPayment
 from workflows.payment import AWAIT_OUTCOME_UPDATE, PaymentWorkflow
 
 _TRANSIENT_RPC = {
@@ -99,6 +99,24 @@ class PaymentService:
         try:
             async with self._sessions() as session:
                 return await PaymentRepository(session).get(client_id, payment_id)
+        except (OperationalError, DBAPIError) as exc:
+            raise database_unavailable() from exc
+
+    async def list_page(
+        self,
+        client_id: str,
+        *,
+        limit: int,
+        starting_after: str | None,
+        status: PaymentStatus | None,
+    ) -> PaymentPage:
+        """A page of the client's payments, from the ledger (never Temporal visibility,
+        which is eventually consistent). Raises ``UnknownCursor``."""
+        try:
+            async with self._sessions() as session:
+                return await PaymentRepository(session).list_for_client(
+                    client_id, limit=limit, starting_after=starting_after, status=status
+                )
         except (OperationalError, DBAPIError) as exc:
             raise database_unavailable() from exc
 

@@ -6,7 +6,8 @@ route builds an error body by hand.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,6 +17,58 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://payments.example.com/problems/"
+
+
+@dataclass(frozen=True)
+class ProblemType:
+    """One documented error: its ``type`` URI never changes once published."""
+
+    slug: str
+    status: int
+    title: str
+    meaning: str
+
+    @property
+    def uri(self) -> str:
+        return TYPE_BASE + self.slug
+
+
+# Every type this API answers with, for the OpenAPI document and the README.
+PROBLEM_TYPES: dict[str, ProblemType] = {
+    t.slug: t
+    for t in (
+        ProblemType("validation-error", 400, "The request is not valid",
+                    "A field, query parameter or header is invalid; `errors` names each one."),
+        ProblemType("idempotency-key-missing", 400, "Idempotency-Key header required",
+                    "A POST without an Idempotency-Key header."),
+        ProblemType("idempotency-key-invalid", 400, "Idempotency-Key is not valid",
+                    "The key is empty, longer than 255 characters or not printable ASCII."),
+        ProblemType("malformed-json", 400, "The body is not valid JSON",
+                    "The body could not be parsed as JSON."),
+        ProblemType("unauthorized", 401, "Authentication required",
+                    "Missing, unknown or revoked API key (one answer for all three)."),
+        ProblemType("not-found", 404, "Not found", "No such route."),
+        ProblemType("payment-not-found", 404, "Payment not found",
+                    "No payment with this id for your client (another client's is the same)."),
+        ProblemType("method-not-allowed", 405, "Method not allowed",
+                    "The route exists but not with this method."),
+        ProblemType("idempotency-key-unusable", 409, "Idempotency-Key cannot be used",
+                    "A run with this key was started but never recorded; use a new key."),
+        ProblemType("payload-too-large", 413, "Request body too large",
+                    "The body exceeds the limit (64 KiB by default)."),
+        ProblemType("unsupported-media-type", 415, "Unsupported media type",
+                    "A body that is not `application/json`."),
+        ProblemType("idempotency-key-reused", 422,
+                    "Idempotency-Key reused with a different request",
+                    "The key was used before with another body; nothing was changed."),
+        ProblemType("rate-limited", 429, "Too many requests",
+                    "Your client exceeded its rate; retry after `Retry-After` seconds."),
+        ProblemType("internal-error", 500, "Internal error", "A bug on our side."),
+        ProblemType("service-unavailable", 503, "Service temporarily unavailable",
+                    "Temporal or PostgreSQL cannot be reached; retry after `Retry-After` "
+                    "seconds with the same Idempotency-Key."),
+    )
+}  # fmt: skip
 
 
 class Problem(Exception):
@@ -69,6 +122,22 @@ _STATUS_PROBLEMS = {
 }
 
 
+_LOCATIONS = {"body", "query", "path", "header", "cookie"}
+
+
+def _field_name(loc: Sequence[str | int]) -> str:
+    parts = list(loc)
+    if parts and parts[0] in _LOCATIONS:
+        parts = parts[1:]
+    return ".".join(str(part) for part in parts)
+
+
+@dataclass(frozen=True)
+class FieldError:
+    field: str
+    message: str
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     async def on_problem(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, Problem)
@@ -76,21 +145,12 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
+        if any(error["type"] == "json_invalid" for error in exc.errors()):
+            return problem_response(malformed_json(), request.url.path)
         errors = [
-            {
-                "field": ".".join(str(part) for part in error["loc"] if part != "body"),
-                "message": error["msg"],
-            }
-            for error in exc.errors()
+            FieldError(_field_name(error["loc"]), str(error["msg"])) for error in exc.errors()
         ]
-        problem = Problem(
-            400,
-            "validation-error",
-            "The request is not valid",
-            "; ".join(f"{e['field'] or 'body'}: {e['message']}" for e in errors),
-            extra={"errors": errors},
-        )
-        return problem_response(problem, request.url.path)
+        return problem_response(validation_problem(errors), request.url.path)
 
     async def on_http_exception(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -169,4 +229,48 @@ def database_unavailable() -> Problem:
         "The ledger cannot be reached. Retry shortly; with the same Idempotency-Key "
         "a retry is safe.",
         headers={"Retry-After": "2"},
+    )
+
+
+def validation_problem(errors: Sequence[FieldError]) -> Problem:
+    return Problem(
+        400,
+        "validation-error",
+        "The request is not valid",
+        "; ".join(f"{e.field or 'body'}: {e.message}" for e in errors),
+        extra={"errors": [{"field": e.field, "message": e.message} for e in errors]},
+    )
+
+
+def malformed_json() -> Problem:
+    return Problem(
+        400, "malformed-json", "The body is not valid JSON", "The body could not be parsed."
+    )
+
+
+def payload_too_large(limit: int) -> Problem:
+    return Problem(
+        413,
+        "payload-too-large",
+        "Request body too large",
+        f"Request bodies are limited to {limit} bytes.",
+    )
+
+
+def unsupported_media_type(content_type: str) -> Problem:
+    return Problem(
+        415,
+        "unsupported-media-type",
+        "Unsupported media type",
+        f"Send the body as application/json, not {content_type or 'without a Content-Type'}.",
+    )
+
+
+def rate_limited(retry_after: int, headers: Mapping[str, str]) -> Problem:
+    return Problem(
+        429,
+        "rate-limited",
+        "Too many requests",
+        f"This client exceeded its request rate. Retry in {retry_after} s.",
+        headers={**headers, "Retry-After": str(retry_after)},
     )

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from domain.currencies import is_active_currency
 from domain.payments import Payment, PaymentRequest
 
-MAX_AMOUNT = 99_999_999  # minor units; larger payments go through a human
+# Minor units. The ceiling of the schema; PAYMENTS_API_MAX_AMOUNT (default
+# 99 999 999) is the bound each deployment enforces below it.
+MAX_AMOUNT = 99_999_999_999
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=40)]
 MetadataValue = Annotated[str, StringConstraints(max_length=500)]
 
@@ -17,15 +20,33 @@ MetadataValue = Annotated[str, StringConstraints(max_length=500)]
 class PaymentCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
 
-    amount: int = Field(gt=0, le=MAX_AMOUNT, strict=True, description="Minor units (cents).")
+    amount: int = Field(
+        gt=0,
+        le=MAX_AMOUNT,
+        strict=True,
+        description="Minor units (1250 = 12.50 EUR): an integer > 0, at most the "
+        "deployment's bound (PAYMENTS_API_MAX_AMOUNT, default 99999999).",
+    )
     currency: Annotated[str, StringConstraints(pattern=r"^[A-Za-z]{3}$")] = Field(
-        description="ISO 4217 code, e.g. EUR."
+        description="An active ISO 4217 code, e.g. EUR (case-insensitive)."
     )
     payment_method: Annotated[str, StringConstraints(min_length=1, max_length=255)] = Field(
         description="A payment-method token, e.g. pm_card_visa."
     )
     description: Annotated[str, StringConstraints(max_length=1000)] | None = None
-    metadata: dict[MetadataKey, MetadataValue] = Field(default_factory=dict, max_length=20)
+    metadata: dict[MetadataKey, MetadataValue] = Field(
+        default_factory=dict,
+        max_length=20,
+        description="Up to 20 string keys (1-40 characters) with string values "
+        "(at most 500 characters).",
+    )
+
+    @field_validator("currency")
+    @classmethod
+    def _active_currency(cls, currency: str) -> str:
+        if not is_active_currency(currency):
+            raise ValueError(f"{currency!r} is not an active ISO 4217 currency")
+        return currency
 
     def to_domain(self) -> PaymentRequest:
         return PaymentRequest(
@@ -57,11 +78,32 @@ class PaymentOut(BaseModel):
         return cls.model_validate(payment.public_dict())
 
 
-class ProblemOut(BaseModel):
-    """RFC 9457 problem details."""
+class PaymentList(BaseModel):
+    """One page of payments, newest first (shaped like Stripe's lists)."""
 
-    type: str
+    object: Literal["list"] = "list"
+    url: str = "/v1/payments"
+    data: list[PaymentOut]
+    has_more: bool = Field(
+        description="More payments follow: ask again with starting_after=<last id of data>."
+    )
+
+
+class FieldErrorOut(BaseModel):
+    field: str = Field(description="The failing field, dotted (`metadata.color`), or a header.")
+    message: str
+
+
+class ProblemOut(BaseModel):
+    """RFC 9457 problem details (`application/problem+json`)."""
+
+    model_config = ConfigDict(title="Problem")
+
+    type: str = Field(description="A stable URI naming the error; switch on this.")
     title: str
-    status: int
+    status: int = Field(description="The HTTP status code of the response.")
     detail: str
-    instance: str | None = None
+    instance: str | None = Field(default=None, description="The request path.")
+    errors: list[FieldErrorOut] | None = Field(
+        default=None, description="Validation errors only: each failing field."
+    )

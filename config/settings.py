@@ -54,7 +54,16 @@ class Settings(BaseSettings):
 
     # API behaviour
     api_wait_seconds: float = Field(default=5.0, ge=0, le=60)
-    api_key_cache_seconds: float = 30.0
+    # A revoked key is refused by each API process within this many seconds.
+    api_key_cache_seconds: float = Field(default=5.0, ge=0)
+    # The longest wait a client may ask for with `Prefer: wait=N`.
+    api_max_wait_seconds: float = Field(default=30.0, ge=1, le=300)
+    # Larger payments go through a human (minor units).
+    api_max_amount: int = Field(default=99_999_999, gt=0)
+    api_max_body_bytes: int = Field(default=64 * 1024, gt=0)
+    # Per client and per API process: a token bucket refilled at this rate.
+    api_rate_limit_per_second: float = Field(default=100.0, gt=0)
+    api_rate_limit_burst: int = Field(default=200, ge=1)
 
     # Webhooks
     webhook_timeout_seconds: float = 10.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -38,6 +38,27 @@ class ClientIdentity:
 
 
 @dataclass(frozen=True)
+class ApiKeyRecord:
+    key_id: str
+    client_id: str
+    client_name: str
+    key_hash: str
+    display_prefix: str
+    created_at: str
+    revoked_at: str | None
+
+
+@dataclass(frozen=True)
+class PaymentPage:
+    payments: list[Payment]
+    has_more: bool
+
+
+class UnknownCursor(LookupError):
+    """``starting_after`` names no payment of this client."""
+
+
+@dataclass(frozen=True)
 class WebhookTarget:
     url: str | None
     secret: str
@@ -62,6 +83,18 @@ def _to_domain(row: PaymentRow) -> Payment:
         provider_charge_id=row.provider_charge_id,
         created_at=_iso(row.created_at),
         updated_at=_iso(row.updated_at),
+    )
+
+
+def _key_record(key: ApiKey, client_name: str) -> ApiKeyRecord:
+    return ApiKeyRecord(
+        key_id=key.id,
+        client_id=key.client_id,
+        client_name=client_name,
+        key_hash=key.key_hash,
+        display_prefix=key.display_prefix,
+        created_at=_iso(key.created_at),
+        revoked_at=None if key.revoked_at is None else _iso(key.revoked_at),
     )
 
 
@@ -163,6 +196,42 @@ class PaymentRepository:
         await self._session.refresh(row)
         return _to_domain(row)
 
+    async def list_for_client(
+        self,
+        client_id: str,
+        *,
+        limit: int,
+        starting_after: str | None = None,
+        status: PaymentStatus | None = None,
+    ) -> PaymentPage:
+        """One page of a client's payments, newest first; the cursor is a payment id.
+
+        Ordered by (created_at, id) descending so payments created in the same
+        microsecond still page without gaps or repeats.
+        """
+        query = select(PaymentRow).where(PaymentRow.client_id == client_id)
+        if status is not None:
+            query = query.where(PaymentRow.status == status.value)
+        if starting_after is not None:
+            cursor = (
+                await self._session.execute(
+                    select(PaymentRow.created_at, PaymentRow.id).where(
+                        PaymentRow.id == starting_after, PaymentRow.client_id == client_id
+                    )
+                )
+            ).first()
+            if cursor is None:
+                raise UnknownCursor(starting_after)
+            query = query.where(
+                tuple_(PaymentRow.created_at, PaymentRow.id) < tuple_(cursor[0], cursor[1])
+            )
+        rows = (
+            await self._session.scalars(
+                query.order_by(PaymentRow.created_at.desc(), PaymentRow.id.desc()).limit(limit + 1)
+            )
+        ).all()
+        return PaymentPage([_to_domain(row) for row in rows[:limit]], has_more=len(rows) > limit)
+
     async def entries_balance(self, payment_id: str) -> tuple[int, int]:
         """(number of entries, their sum) for one payment."""
         result = await self._session.execute(
@@ -213,6 +282,45 @@ class ClientRepository:
             )
         ).first()
         return None if row is None else ClientIdentity(client_id=row[0], name=row[1])
+
+    async def key_for_hash(self, key_hash: str) -> ApiKeyRecord | None:
+        """The key with this hash, revoked or not, with its client's name."""
+        row = (
+            await self._session.execute(
+                select(ApiKey, ApiClient.name)
+                .join(ApiClient, ApiKey.client_id == ApiClient.id)
+                .where(ApiKey.key_hash == key_hash)
+            )
+        ).first()
+        return None if row is None else _key_record(row[0], row[1])
+
+    async def list_keys(self, client_id: str) -> list[ApiKeyRecord]:
+        rows = (
+            await self._session.execute(
+                select(ApiKey, ApiClient.name)
+                .join(ApiClient, ApiKey.client_id == ApiClient.id)
+                .where(ApiKey.client_id == client_id)
+                .order_by(ApiKey.created_at, ApiKey.id)
+            )
+        ).all()
+        return [_key_record(key, name) for key, name in rows]
+
+    async def revoke_key(self, key_id: str) -> ApiKeyRecord | None:
+        """Mark the key revoked (once: a second call keeps the first time). None if unknown."""
+        await self._session.execute(
+            update(ApiKey)
+            .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+            .values(revoked_at=func.now())
+        )
+        row = (
+            await self._session.execute(
+                select(ApiKey, ApiClient.name)
+                .join(ApiClient, ApiKey.client_id == ApiClient.id)
+                .where(ApiKey.id == key_id)
+                .execution_options(populate_existing=True)
+            )
+        ).first()
+        return None if row is None else _key_record(row[0], row[1])
 
     async def webhook_target(self, client_id: str) -> WebhookTarget | None:
         client = await self._session.get(ApiClient, client_id)
