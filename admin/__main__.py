@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from admin import keys
 from admin.clients import create_client
 from config.settings import Settings
 
@@ -20,9 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     create = commands.add_parser("create-client", help="create an API client and its first key")
     create.add_argument("--name", required=True)
     create.add_argument("--webhook-url", default=None)
+    keys.add_commands(commands)
     args = parser.parse_args(argv)
 
     settings = Settings()
+    if args.command in keys.COMMANDS:
+        return keys.run(args, settings)
     created = create_client(settings.database_url, name=args.name, webhook_url=args.webhook_url)
     print(f"client_id:      {created.client_id}")
     print(f"api_key:        {created.api_key}   (shown once; store it now)")

@@ -1,0 +1,129 @@
+"""API keys: one 401 for every failure, revocation, constant-time check, never logged."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from admin.keys import create_key_async, revoke_key_async
+from api.auth import ApiKeyAuthenticator
+from api.problems import Problem
+from tests.api.conftest import ApiFactory, bearer, store_payment
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_missing_unknown_malformed_and_revoked_keys_get_the_same_401(
+    make_api: ApiFactory, new_client: Callable[..., Any], database_url: str
+) -> None:
+    revoked = await new_client("revoked")
+    await revoke_key_async(database_url, api_key=revoked.api_key)
+    attempts: list[dict[str, str]] = [
+        {},
+        bearer("sk_" + "A" * 43),
+        bearer("not-even-a-key"),
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+        {"Authorization": "Bearer"},
+        bearer(revoked.api_key),
+    ]
+    async with make_api(api_key_cache_seconds=0) as http:
+        responses = [await http.get("/v1/payments", headers=headers) for headers in attempts]
+
+    for response in responses:
+        assert response.status_code == 401
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        assert response.headers["content-type"] == "application/problem+json"
+    assert len({r.content for r in responses}) == 1, "the reason is never revealed"
+    assert responses[0].json()["type"] == "https://payments.example.com/problems/unauthorized"
+
+
+async def test_a_key_revoked_with_the_admin_command_is_refused_at_the_next_request(
+    make_api: ApiFactory, new_client: Callable[..., Any], database_url: str
+) -> None:
+    client = await new_client("to-revoke")
+    env = {**os.environ, "DATABASE_URL": database_url}
+    async with make_api(api_key_cache_seconds=0) as http:
+        before = await http.get("/v1/payments", headers=bearer(client.api_key))
+        listed = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "admin", "list-keys", "--client-id", client.client_id],
+            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        key_id = listed.stdout.split()[0]
+        revoke = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "admin", "revoke-key", key_id],
+            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        after = await http.get("/v1/payments", headers=bearer(client.api_key))
+
+    assert before.status_code == 200
+    assert key_id.startswith("key_")
+    assert client.api_key not in listed.stdout, "lists show the prefix only"
+    assert "active" in listed.stdout
+    assert f"revoked {key_id}" in revoke.stdout
+    assert after.status_code == 401
+
+
+async def test_a_cached_key_is_refused_once_the_cache_entry_expires(
+    sessions: async_sessionmaker[AsyncSession],
+    new_client: Callable[..., Any],
+    database_url: str,
+) -> None:
+    client = await new_client("cached")
+    now = [1000.0]
+    authenticator = ApiKeyAuthenticator(sessions, 5.0, clock=lambda: now[0])
+    header = f"Bearer {client.api_key}"
+    assert (await authenticator.authenticate(header)).client_id == client.client_id
+    await revoke_key_async(database_url, api_key=client.api_key)
+
+    now[0] += 4.9  # within the documented window the cached answer may still stand
+    assert (await authenticator.authenticate(header)).client_id == client.client_id
+    now[0] += 0.2
+    with pytest.raises(Problem) as refused:
+        await authenticator.authenticate(header)
+    assert refused.value.status == 401
+
+
+async def test_a_second_key_of_the_same_client_sees_the_same_payments(
+    api: httpx.AsyncClient,
+    new_client: Callable[..., Any],
+    sessions: async_sessionmaker[AsyncSession],
+    database_url: str,
+) -> None:
+    client = await new_client("rotating")
+    payment_id = await store_payment(sessions, client.client_id)
+    _, second_key = await create_key_async(database_url, client.client_id)
+    await revoke_key_async(database_url, api_key=client.api_key)
+
+    response = await api.get(f"/v1/payments/{payment_id}", headers=bearer(second_key))
+    assert response.status_code == 200
+    assert response.json()["id"] == payment_id
+
+
+async def test_the_api_key_never_reaches_the_logs(
+    api: httpx.AsyncClient,
+    new_client: Callable[..., Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = await new_client("quiet")
+    caplog.set_level(logging.DEBUG)
+    await api.get("/v1/payments", headers=bearer(client.api_key))
+    await api.get("/v1/payments/pay_x", headers=bearer(client.api_key))
+    await api.get("/v1/payments", headers=bearer(client.api_key + "x"))
+
+    assert caplog.records, "the access log did run"
+    logged = "\n".join(f"{record.getMessage()} {record.__dict__}" for record in caplog.records)
+    assert "http.request" in logged
+    assert client.api_key not in logged
+    assert client.api_key[10:] not in logged
