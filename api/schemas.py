@@ -13,8 +13,10 @@ from domain.payments import Payment, PaymentRequest
 # Minor units. The ceiling of the schema; PAYMENTS_API_MAX_AMOUNT (default
 # 99 999 999) is the bound each deployment enforces below it.
 MAX_AMOUNT = 99_999_999_999
-MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=40)]
-MetadataValue = Annotated[str, StringConstraints(max_length=500)]
+# PostgreSQL text cannot hold NUL: refused here, not discovered by the ledger later.
+_NO_NUL = r"^[^\x00]*$"
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=40, pattern=_NO_NUL)]
+MetadataValue = Annotated[str, StringConstraints(max_length=500, pattern=_NO_NUL)]
 
 
 class PaymentCreate(BaseModel):
@@ -30,10 +32,10 @@ class PaymentCreate(BaseModel):
     currency: Annotated[str, StringConstraints(pattern=r"^[A-Za-z]{3}$")] = Field(
         description="An active ISO 4217 code, e.g. EUR (case-insensitive)."
     )
-    payment_method: Annotated[str, StringConstraints(min_length=1, max_length=255)] = Field(
-        description="A payment-method token, e.g. pm_card_visa."
-    )
-    description: Annotated[str, StringConstraints(max_length=1000)] | None = None
+    payment_method: Annotated[
+        str, StringConstraints(min_length=1, max_length=255, pattern=_NO_NUL)
+    ] = Field(description="A payment-method token, e.g. pm_card_visa.")
+    description: Annotated[str, StringConstraints(max_length=1000, pattern=_NO_NUL)] | None = None
     metadata: dict[MetadataKey, MetadataValue] = Field(
         default_factory=dict,
         max_length=20,

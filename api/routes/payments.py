@@ -133,6 +133,7 @@ async def list_payments(
         str | None,
         Query(
             max_length=64,
+            pattern=r"^[\x21-\x7e]+$",
             description="A payment id: the page starts after it (the last `id` of the "
             "previous page).",
         ),
@@ -165,7 +166,9 @@ async def list_payments(
 async def get_payment(
     payment_id: str, client: CurrentClient, payments: PaymentServiceDep
 ) -> PaymentOut:
-    payment = await payments.get(client.client_id, payment_id)
+    # Ids are printable ASCII; anything else (a NUL would upset PostgreSQL) is not one.
+    known_shape = len(payment_id) <= 64 and all(0x21 <= ord(c) <= 0x7E for c in payment_id)
+    payment = await payments.get(client.client_id, payment_id) if known_shape else None
     if payment is None:
         raise payment_not_found()
     return PaymentOut.from_domain(payment)

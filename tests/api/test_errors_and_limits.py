@@ -128,6 +128,9 @@ async def test_malformed_json_is_a_400_of_its_own(
         ({**VISA, "metadata": {"order": 1234}}, {"metadata.order"}),
         ({**VISA, "metadata": {"nested": {"a": "b"}}}, {"metadata.nested"}),
         ({"currency": "EUR", "payment_method": "pm_card_visa"}, {"amount"}),
+        ({**VISA, "description": "nul\u0000"}, {"description"}),
+        ({**VISA, "payment_method": "pm\u0000"}, {"payment_method"}),
+        ({**VISA, "metadata": {"a": "\u0000"}}, {"metadata.a"}),
     ],
 )  # fmt: skip
 async def test_invalid_bodies_are_400_naming_each_failing_field(
@@ -273,3 +276,20 @@ async def test_a_create_while_temporal_is_unreachable_is_503_with_retry_after(
     body = _assert_problem(response, 503, "service-unavailable")
     assert int(response.headers["Retry-After"]) > 0
     assert "same Idempotency-Key" in body["detail"]
+
+
+async def test_strings_postgresql_cannot_store_are_refused_not_a_503(
+    api: httpx.AsyncClient, new_client: Callable[..., Any]
+) -> None:
+    client = await new_client()
+    headers = bearer(client.api_key)
+    by_id = await api.get("/v1/payments/pay_%00x", headers=headers)
+    cursor = await api.get("/v1/payments", params={"starting_after": "pay_\x00"}, headers=headers)
+    surrogate = await api.post(
+        "/v1/payments",
+        content=b'{"amount": 1, "currency": "EUR", "payment_method": "\\ud800"}',
+        headers={**_post_headers(client), "Content-Type": "application/json"},
+    )
+    _assert_problem(by_id, 404, "payment-not-found")
+    _assert_problem(cursor, 400, "validation-error")
+    assert surrogate.status_code == 400, surrogate.text

@@ -77,3 +77,24 @@ async def test_docs_render_the_document(api: httpx.AsyncClient) -> None:
     assert docs.status_code == 200
     assert "/openapi.json" in docs.text
     assert "swagger-ui" in docs.text.lower()
+
+
+async def test_every_v1_operation_documents_its_errors_as_problems(
+    api: httpx.AsyncClient,
+) -> None:
+    """Also for routes added later: declare them with ``api.openapi.problem_responses``."""
+    document = await _document(api)
+    operations = [
+        (method, path, operation)
+        for path, methods in document["paths"].items()
+        if path.startswith("/v1/")
+        for method, operation in methods.items()
+    ]
+    assert len(operations) >= len(EXPECTED)
+    for method, path, operation in operations:
+        responses = operation["responses"]
+        assert {"401", "429", "503"} <= set(responses), (method, path)
+        assert "422" not in responses or method == "post", (method, path)
+        for status, response in responses.items():
+            if int(status) >= 400:
+                assert set(response["content"]) == {PROBLEM_JSON}, (method, path, status)
