@@ -81,6 +81,8 @@ async def test_rows_first_replay_different_body_and_other_client(stack: E2EStack
     assert payment["status"] == "succeeded"
     assert payment["idempotency_key"] == key
     assert "Idempotent-Replayed" not in first.headers
+    assert first.headers["RateLimit-Policy"] == '"default";q=100;w=1'
+    assert first.headers["RateLimit"].startswith('"default";r=')
     # Same key, same body, after it ended: the same payment, replayed.
     assert replay.status_code == 201
     assert replay.json() == payment
