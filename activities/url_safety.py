@@ -109,10 +109,10 @@ def address_refusal(address: IPAddress, *, allow_loopback: bool) -> str | None:
         return "a link-local address"
     if address.is_multicast:
         return "a multicast address"
-    if address.is_private:
-        return "a private address"
     if address.is_reserved:
         return "a reserved address"
+    if address.is_private:
+        return "a private address"
     if not address.is_global:
         # Shared address space (100.64/10), documentation ranges, benchmarking, ...
         return "not a public address"
