@@ -43,6 +43,8 @@ class WebhookTargetRefused(WebhookDeliveryError):
 
 def signature_header(secrets: Sequence[str], event_id: str, at: datetime, body: str) -> str:
     """One ``v1,<signature>`` per secret, space-separated, newest secret first."""
+    if isinstance(secrets, str):
+        raise TypeError("pass a sequence of secrets, not one string")
     if not secrets:
         raise ValueError("a webhook needs at least one signing secret")
     return " ".join(Webhook(secret).sign(event_id, at, body) for secret in secrets)
@@ -88,14 +90,16 @@ class WebhookSender:
         extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
         last_error: httpx.HTTPError | None = None
         for address in target.addresses:
+            request = self._http.build_request(
+                "POST",
+                _pinned_request_url(target, str(address)),
+                content=body,
+                headers=headers,
+                extensions=extensions,
+            )
             try:
-                response = await self._http.post(
-                    _pinned_request_url(target, str(address)),
-                    content=body,
-                    headers=headers,
-                    extensions=extensions,
-                    follow_redirects=False,
-                )
+                # stream=True: only the status matters; a receiver's body is never read.
+                response = await self._http.send(request, stream=True, follow_redirects=False)
             except httpx.ConnectError as exc:
                 last_error = exc  # try the name's next address
                 continue
@@ -103,6 +107,7 @@ class WebhookSender:
                 raise WebhookDeliveryError(
                     f"{type(exc).__name__} posting to the webhook URL"
                 ) from exc
+            await response.aclose()
             if not 200 <= response.status_code < 300:
                 raise WebhookDeliveryError(f"webhook receiver answered {response.status_code}")
             return response.status_code
