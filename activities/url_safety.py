@@ -142,7 +142,8 @@ def _parse(url: str, *, allow_loopback: bool) -> tuple[str, str, int]:
         raise UnsafeWebhookUrl("the URL must not have a #fragment")
     if not host:
         raise UnsafeWebhookUrl("the URL has no host")
-    if _literal_address(host) is None and not _HOST_NAME.fullmatch(host):
+    # '%' (an IPv6 zone or a percent-encoded name) is never part of a webhook host.
+    if "%" in host or (_literal_address(host) is None and not _HOST_NAME.fullmatch(host)):
         raise UnsafeWebhookUrl(f"the host {host!r} is not a valid host name")
     port = parsed.port if parsed.port is not None else (443 if parsed.scheme == "https" else 80)
     if not 0 < port < 65536:

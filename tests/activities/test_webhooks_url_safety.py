@@ -57,6 +57,7 @@ async def _refusal(url: str, *addresses: str, allow_loopback: bool = False) -> s
         ("https://93.184.215.14/hooks#x", "fragment"),
         ("https://93.184.215.14:99999/hooks", "port"),
         ("https://%31%32%37.0.0.1/hooks", "not a valid host name"),
+        ("https://[2606:4700::1%25eth0]/hooks", "not a valid host name"),
         ("https://93.184.215.14/hooks\n", "control characters"),
         ("https:///hooks", "no host"),
     ],
