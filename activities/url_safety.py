@@ -64,10 +64,16 @@ class CheckedTarget:
     addresses: tuple[IPAddress, ...]
 
 
+# A slow resolver must not eat the delivery's time (its activity has 30 s in all).
+RESOLVE_TIMEOUT_SECONDS = 5.0
+
+
 async def system_resolver(host: str, port: int) -> Sequence[IPAddress]:
-    infos = await asyncio.get_running_loop().getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-    )
+    """Every address of ``host``; raises OSError (``TimeoutError`` included) if none."""
+    async with asyncio.timeout(RESOLVE_TIMEOUT_SECONDS):
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
     addresses: list[IPAddress] = []
     for _family, _type, _proto, _canon, sockaddr in infos:
         # Strip an IPv6 zone ("fe80::1%eth0"); the address alone is what is judged.
