@@ -41,7 +41,8 @@ async def run_worker(settings: Settings) -> None:
     webhook_http = httpx.AsyncClient(
         timeout=settings.webhook_timeout_seconds, follow_redirects=False
     )
-    activities = PaymentActivities(session_factory(engine), provider, WebhookSender(webhook_http))
+    webhooks = WebhookSender(webhook_http, allow_loopback=settings.webhook_allow_loopback)
+    activities = PaymentActivities(session_factory(engine), provider, webhooks)
     client: Client = await connect_temporal(settings)
     worker = Worker(
         client,

@@ -147,7 +147,7 @@ class PaymentActivities:
         }
         try:
             await self._webhooks.send(
-                url=target.url, secret=target.secret, event_id=event_id, event=event
+                url=target.url, secrets=target.signing_secrets, event_id=event_id, event=event
             )
         except WebhookDeliveryError as exc:
             raise ApplicationError(str(exc), type=ErrorType.WEBHOOK_DELIVERY_FAILED) from exc

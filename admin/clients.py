@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
+from activities.url_safety import Resolver, check_webhook_url, system_resolver
 from admin.credentials import (
     display_prefix,
     hash_api_key,
@@ -35,7 +36,11 @@ class CreatedClient:
 
 
 async def add_client(session: AsyncSession, *, name: str, webhook_url: str | None) -> CreatedClient:
-    """Add a client and its first key inside the caller's transaction."""
+    """Add a client and its first key inside the caller's transaction.
+
+    The webhook URL is stored as given: entry points check it first
+    (``create_client_async``), and every delivery checks it again.
+    """
     clients = ClientRepository(session)
     created = CreatedClient(
         client_id=new_client_id(),
@@ -60,8 +65,16 @@ async def add_client(session: AsyncSession, *, name: str, webhook_url: str | Non
 
 
 async def create_client_async(
-    database_url: str, *, name: str, webhook_url: str | None
+    database_url: str,
+    *,
+    name: str,
+    webhook_url: str | None,
+    allow_loopback: bool = False,
+    resolver: Resolver = system_resolver,
 ) -> CreatedClient:
+    """Create a client; a webhook URL is checked first (``UnsafeWebhookUrl`` if refused)."""
+    if webhook_url is not None:
+        await check_webhook_url(webhook_url, allow_loopback=allow_loopback, resolver=resolver)
     engine = create_async_engine(sqlalchemy_url(database_url), pool_size=1)
     try:
         async with session_factory(engine)() as session, session.begin():
@@ -85,8 +98,14 @@ def _run_blocking(coroutine: Coroutine[Any, Any, T]) -> T:
         return pool.submit(asyncio.run, coroutine).result()
 
 
-def create_client(database_url: str, *, name: str, webhook_url: str | None) -> CreatedClient:
-    return _run_blocking(create_client_async(database_url, name=name, webhook_url=webhook_url))
+def create_client(
+    database_url: str, *, name: str, webhook_url: str | None, allow_loopback: bool = False
+) -> CreatedClient:
+    return _run_blocking(
+        create_client_async(
+            database_url, name=name, webhook_url=webhook_url, allow_loopback=allow_loopback
+        )
+    )
 
 
 def client_exists(database_url: str, client_id: str) -> bool:

@@ -67,6 +67,8 @@ class Settings(BaseSettings):
 
     # Webhooks
     webhook_timeout_seconds: float = 10.0
+    # Also allow http and loopback webhook URLs (activities/url_safety.py): the dev
+    # stack and the tests, whose receiver is at http://127.0.0.1. Never in production.
     webhook_allow_loopback: bool = False
 
     # Logging

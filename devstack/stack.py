@@ -265,7 +265,10 @@ class Stack:
     async def add_client(self, name: str) -> CreatedClient:
         """A fresh API client whose webhooks go to this stack's receiver."""
         created = await create_client_async(
-            self.database_url, name=name, webhook_url=self.webhooks.url
+            self.database_url,
+            name=name,
+            webhook_url=self.webhooks.url,
+            allow_loopback=True,  # the receiver is local, as PAYMENTS_WEBHOOK_ALLOW_LOOPBACK says
         )
         self.webhooks.secrets.append(created.webhook_secret)
         return created

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select, tuple_, update
+from sqlalchemy import delete, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -16,7 +16,7 @@ from domain.payments import (
     RecordOutcomeInput,
     payment_workflow_id,
 )
-from ledger.tables import ApiClient, ApiKey, LedgerEntry, PaymentRow
+from ledger.tables import ApiClient, ApiKey, LedgerEntry, PaymentRow, PreviousWebhookSecret
 
 PROVIDER_RECEIVABLE_ACCOUNT = "provider:receivable"
 
@@ -62,6 +62,13 @@ class UnknownCursor(LookupError):
 class WebhookTarget:
     url: str | None
     secret: str
+    # Replaced secrets still inside their rotation overlap, newest first.
+    previous_secrets: tuple[str, ...] = ()
+
+    @property
+    def signing_secrets(self) -> tuple[str, ...]:
+        """Every secret a delivery is signed with: the current one first."""
+        return (self.secret, *self.previous_secrets)
 
 
 def _iso(value: datetime) -> str:
@@ -326,4 +333,56 @@ class ClientRepository:
         client = await self._session.get(ApiClient, client_id)
         if client is None:
             return None
-        return WebhookTarget(url=client.webhook_url, secret=client.webhook_secret)
+        previous = await self._session.scalars(
+            select(PreviousWebhookSecret.secret)
+            .where(
+                PreviousWebhookSecret.client_id == client_id,
+                PreviousWebhookSecret.expires_at > func.now(),
+            )
+            .order_by(PreviousWebhookSecret.retired_at.desc(), PreviousWebhookSecret.id.desc())
+        )
+        return WebhookTarget(
+            url=client.webhook_url, secret=client.webhook_secret, previous_secrets=tuple(previous)
+        )
+
+    async def set_webhook_url(self, client_id: str, webhook_url: str | None) -> bool:
+        """Point the client's webhooks at a (checked) URL, or at none; False if no such client."""
+        updated = await self._session.scalar(
+            update(ApiClient)
+            .where(ApiClient.id == client_id)
+            .values(webhook_url=webhook_url)
+            .returning(ApiClient.id)
+        )
+        return updated is not None
+
+    async def rotate_webhook_secret(
+        self, client_id: str, new_secret: str, *, overlap: timedelta
+    ) -> datetime:
+        """Make ``new_secret`` current; the replaced one keeps signing for ``overlap``.
+
+        Returns when the replaced secret stops being valid. The client row is locked,
+        so two rotations at once serialise and neither secret is lost.
+        """
+        current = await self._session.scalar(
+            select(ApiClient.webhook_secret).where(ApiClient.id == client_id).with_for_update()
+        )
+        if current is None:
+            raise LookupError(f"client {client_id} does not exist")
+        await self._session.execute(
+            delete(PreviousWebhookSecret).where(
+                PreviousWebhookSecret.client_id == client_id,
+                PreviousWebhookSecret.expires_at <= func.now(),
+            )
+        )
+        valid_until: datetime | None = await self._session.scalar(select(func.now() + overlap))
+        if valid_until is None:  # pragma: no cover - SELECT now() + interval always answers
+            raise RuntimeError("the database did not tell the time")
+        if overlap > timedelta(0):
+            self._session.add(
+                PreviousWebhookSecret(client_id=client_id, secret=current, expires_at=valid_until)
+            )
+        await self._session.execute(
+            update(ApiClient).where(ApiClient.id == client_id).values(webhook_secret=new_secret)
+        )
+        await self._session.flush()
+        return valid_until

@@ -95,3 +95,18 @@ class LedgerEntry(Base):
     amount: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(3))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class PreviousWebhookSecret(Base):
+    """A replaced webhook secret, still signing (beside the new one) until ``expires_at``."""
+
+    __tablename__ = "previous_webhook_secrets"
+    __table_args__ = (
+        Index("ix_previous_webhook_secrets_client_expires", "client_id", "expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    client_id: Mapped[str] = mapped_column(ForeignKey("api_clients.id"))
+    secret: Mapped[str] = mapped_column(Text)
+    retired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

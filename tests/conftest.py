@@ -100,6 +100,7 @@ async def activities(
 ) -> AsyncIterator[PaymentActivities]:
     provider = ProviderClient(sandbox_provider.base_url, sandbox_provider.api_key, 2.0)
     http = httpx.AsyncClient(timeout=5)
-    yield PaymentActivities(sessions, provider, WebhookSender(http))
+    # The receiver listens on 127.0.0.1, as PAYMENTS_WEBHOOK_ALLOW_LOOPBACK permits in tests.
+    yield PaymentActivities(sessions, provider, WebhookSender(http, allow_loopback=True))
     await provider.aclose()
     await http.aclose()

@@ -24,8 +24,10 @@ async def test_create_client_prints_the_key_once_and_stores_its_hash(
     result = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "admin", "create-client", "--name", "acme",
-         "--webhook-url", "https://acme.example/webhooks"],
-        cwd=REPO_ROOT, env={**os.environ, "DATABASE_URL": database_url},
+         "--webhook-url", "https://93.184.215.14/webhooks"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "DATABASE_URL": database_url,
+             "PAYMENTS_WEBHOOK_ALLOW_LOOPBACK": "false"},
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
 
@@ -39,7 +41,7 @@ async def test_create_client_prints_the_key_once_and_stores_its_hash(
             await session.scalars(select(ApiKey).where(ApiKey.client_id == client_id.group(1)))
         ).all()
     assert client is not None
-    assert client.webhook_url == "https://acme.example/webhooks"
+    assert client.webhook_url == "https://93.184.215.14/webhooks"
     assert [key.key_hash for key in keys] == [hash_api_key(api_key.group(1))]
     assert api_key.group(1) not in {key.key_hash for key in keys}
     assert len(api_key.group(1)) >= 40, "at least 128 random bits after the prefix"
