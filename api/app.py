@@ -11,6 +11,7 @@ import structlog
 from fastapi import FastAPI, Request, Response
 
 from api.auth import ApiKeyAuthenticator
+from api.metrics import install_metrics
 from api.payments import PaymentService
 from api.problems import install_problem_handlers
 from api.routes import payments
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_problem_handlers(app)
+    install_metrics(app)
     app.include_router(payments.router)
 
     @app.get("/healthz", include_in_schema=False)

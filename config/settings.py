@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = 10.0
     webhook_allow_loopback: bool = False
 
+    # Metrics (Prometheus). The API serves /metrics on its own port; each worker process
+    # serves the SDK's metrics and our business metrics on two more ports (0 turns one off).
+    metrics_host: str = "127.0.0.1"
+    worker_sdk_metrics_port: int = Field(default=9000, ge=0, le=65535)
+    worker_metrics_port: int = Field(default=9001, ge=0, le=65535)
+
     # Logging
     log_level: str = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
