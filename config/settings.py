@@ -62,7 +62,9 @@ class Settings(BaseSettings):
 
     # Metrics (Prometheus). The API serves /metrics on its own port; each worker process
     # serves the SDK's metrics and our business metrics on two more ports (0 turns one off).
-    metrics_host: str = "127.0.0.1"
+    # All interfaces by default, so Prometheus reaches a container; the dev stack binds
+    # its own host.
+    metrics_host: str = "0.0.0.0"
     worker_sdk_metrics_port: int = Field(default=9000, ge=0, le=65535)
     worker_metrics_port: int = Field(default=9001, ge=0, le=65535)
 

@@ -181,8 +181,6 @@ class Stack:
             "PAYMENTS_WEBHOOK_ALLOW_LOOPBACK": "true",
             "PAYMENTS_LOG_FORMAT": self.config.log_format,
             "PAYMENTS_METRICS_HOST": host,
-            "PAYMENTS_WORKER_SDK_METRICS_PORT": str(self.worker_sdk_metrics_port),
-            "PAYMENTS_WORKER_METRICS_PORT": str(self.worker_metrics_port),
             **self.config.extra_env,
         }
 
@@ -199,7 +197,11 @@ class Stack:
         return ManagedProcess(
             "worker",
             [sys.executable, "worker.py"],
-            env=self.settings_env(),
+            env={
+                **self.settings_env(),
+                "PAYMENTS_WORKER_SDK_METRICS_PORT": str(self.worker_sdk_metrics_port),
+                "PAYMENTS_WORKER_METRICS_PORT": str(self.worker_metrics_port),
+            },
             cwd=REPO_ROOT,
             **self._output("worker"),
         )
