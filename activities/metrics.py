@@ -224,7 +224,9 @@ def ledger_write(operation: str) -> Iterator[None]:
 def webhook_delivery(event_id: str) -> Iterator[None]:
     """One delivery attempt: pending until the receiver takes it."""
     first_scheduled = activity.info().scheduled_time if activity.in_activity() else None
-    PENDING_WEBHOOKS.attempt_started(event_id, first_scheduled or datetime.now(UTC))
+    if first_scheduled is None or first_scheduled.timestamp() <= 0:
+        first_scheduled = datetime.now(UTC)  # unknown (the SDK's test environment says 1970)
+    PENDING_WEBHOOKS.attempt_started(event_id, first_scheduled)
     try:
         yield
     except BaseException:
