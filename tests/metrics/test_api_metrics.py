@@ -198,3 +198,25 @@ async def test_a_429_is_counted_by_status_whoever_answers_it(database_url: str) 
         - _value(before, "payments_api_rate_limited_total")
         == 2
     )
+
+
+async def test_an_unhandled_error_is_counted_as_the_500_the_client_gets(database_url: str) -> None:
+    app = create_app(Settings(database_url=database_url, log_format="json"))
+
+    async def broken() -> None:
+        raise RuntimeError("bug")
+
+    app.add_api_route("/broken", broken)
+    labels = {"method": "GET", "route": "/broken", "status": "500"}
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+        before = await _samples(http)
+        answer = await http.get("/broken")
+        assert answer.status_code == 500
+        assert answer.headers["content-type"] == "application/problem+json"
+        after = await _samples(http)
+    assert (
+        _value(after, "payments_api_requests_total", **labels)
+        - _value(before, "payments_api_requests_total", **labels)
+        == 1
+    )
