@@ -124,6 +124,16 @@ async def metrics_endpoint(request: Request) -> Response:
 
 
 def install_metrics(app: FastAPI) -> None:
-    """``/metrics`` plus the middleware that counts every request."""
-    app.add_middleware(MetricsMiddleware)
+    """``/metrics`` plus the middleware that counts every request.
+
+    The middleware wraps the whole stack, outside every middleware added before or
+    after this call (a rate limiter's 429, the error handler's 500), so it counts
+    what the client really got.
+    """
+    build_stack = app.build_middleware_stack
+
+    def build_stack_with_metrics() -> ASGIApp:
+        return MetricsMiddleware(build_stack())
+
+    app.build_middleware_stack = build_stack_with_metrics  # type: ignore[method-assign]
     app.add_route("/metrics", metrics_endpoint, include_in_schema=False)

@@ -9,10 +9,11 @@ from the ledger without Temporal, which is configured at an address nobody serve
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
+from fastapi import Request, Response
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -171,8 +172,8 @@ async def test_a_validation_error_is_not_counted_as_an_idempotency_conflict(
 
 
 async def test_a_429_is_counted_by_status_whoever_answers_it(database_url: str) -> None:
-    """The rate limiter (another module) refuses with a Problem; the request metrics see
-    the 429 without its help, and its hook counts what the limiter refused."""
+    """A rate limiter refuses with 429 in a route or in a middleware added after ours;
+    the request metrics see every 429, and the limiter's hook counts its own."""
     app = create_app(Settings(database_url=database_url, log_format="json"))
 
     async def limited(item: str) -> None:
@@ -180,23 +181,41 @@ async def test_a_429_is_counted_by_status_whoever_answers_it(database_url: str) 
         raise Problem(429, "rate-limited", "Too many requests", "Slow down.")
 
     app.add_api_route("/limited/{item}", limited)
+
+    @app.middleware("http")
+    async def limiter(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        if request.url.path == "/v1/payments":
+            record_rate_limited()
+            return Response(status_code=429, headers={"Retry-After": "1"})
+        return await call_next(request)
+
     labels = {"method": "GET", "route": "/limited/{item}", "status": "429"}
+    unrouted = {"method": "POST", "route": "unmatched", "status": "429"}
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://api"
     ) as http:
         before = await _samples(http)
         for item in ("a", "b"):
             assert (await http.get(f"/limited/{item}")).status_code == 429
+        assert (await http.post("/v1/payments", json=BODY)).status_code == 429
         after = await _samples(http)
     assert (
         _value(after, "payments_api_requests_total", **labels)
         - _value(before, "payments_api_requests_total", **labels)
         == 2
     )
+    # Refused before routing: no route template is known, so it is "unmatched".
+    assert (
+        _value(after, "payments_api_requests_total", **unrouted)
+        - _value(before, "payments_api_requests_total", **unrouted)
+        == 1
+    )
     assert (
         _value(after, "payments_api_rate_limited_total")
         - _value(before, "payments_api_rate_limited_total")
-        == 2
+        == 3
     )
 
 
