@@ -17,6 +17,7 @@ import structlog
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.metrics import WorkerMetrics, install_sdk_metrics
 from activities.payments import PaymentActivities
 from activities.provider_client import ProviderClient
 from activities.webhooks import WebhookSender
@@ -43,6 +44,7 @@ async def run_worker(settings: Settings) -> None:
     )
     webhooks = WebhookSender(webhook_http, allow_loopback=settings.webhook_allow_loopback)
     activities = PaymentActivities(session_factory(engine), provider, webhooks)
+    install_sdk_metrics(settings)  # before the client: it uses the default runtime
     client: Client = await connect_temporal(settings)
     worker = Worker(
         client,
@@ -63,10 +65,12 @@ async def run_worker(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
+    metrics = WorkerMetrics.start(settings, session_factory(engine))
     log.info("worker.started", task_queue=settings.temporal_task_queue)
     async with worker:
         await stop.wait()
         log.info("worker.stopping", drain_seconds=GRACEFUL_SHUTDOWN.total_seconds())
+    await metrics.stop()
     await provider.aclose()
     await webhook_http.aclose()
     await engine.dispose()

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
+from activities import metrics
 from activities.provider_client import (
     ProviderClient,
     ProviderDeclined,
@@ -63,8 +64,9 @@ class PaymentActivities:
 
     @activity.defn(name="open_payment")
     async def open_payment(self, input: OpenPaymentInput) -> Payment:
-        async with self._sessions() as session, session.begin():
-            stored = await PaymentRepository(session).open(input.payment)
+        with metrics.ledger_write("open_payment"):
+            async with self._sessions() as session, session.begin():
+                stored = await PaymentRepository(session).open(input.payment)
         if stored.request_fingerprint != input.payment.request_fingerprint:
             # Only reachable once Temporal has forgotten the first run: the ledger still judges.
             raise ApplicationError(
@@ -77,13 +79,14 @@ class PaymentActivities:
     @activity.defn(name="charge_payment")
     async def charge_payment(self, input: ChargeInput) -> ChargeResult:
         try:
-            charge = await self._provider.charge(
-                idempotency_key=input.payment_id,
-                amount=input.amount,
-                currency=input.currency,
-                payment_method=input.payment_method,
-                description=input.description,
-            )
+            with metrics.provider_call("charge"):
+                charge = await self._provider.charge(
+                    idempotency_key=input.payment_id,
+                    amount=input.amount,
+                    currency=input.currency,
+                    payment_method=input.payment_method,
+                    description=input.description,
+                )
         except ProviderDeclined as exc:
             raise ApplicationError(
                 exc.message,
@@ -111,7 +114,8 @@ class PaymentActivities:
     async def find_charge(self, input: FindChargeInput) -> FindChargeResult:
         """Ask the provider what became of a charge whose answer never arrived."""
         try:
-            charge = await self._provider.find_charge(input.payment_id)
+            with metrics.provider_call("find_charge"):
+                charge = await self._provider.find_charge(input.payment_id)
         except ProviderUnavailable as exc:
             raise ApplicationError(str(exc), type=ErrorType.PROVIDER_UNAVAILABLE) from exc
         if charge is None:
@@ -122,8 +126,10 @@ class PaymentActivities:
 
     @activity.defn(name="record_outcome")
     async def record_outcome(self, input: RecordOutcomeInput) -> Payment:
-        async with self._sessions() as session, session.begin():
-            payment = await PaymentRepository(session).record_outcome(input)
+        with metrics.ledger_write("record_outcome"):
+            async with self._sessions() as session, session.begin():
+                payment = await PaymentRepository(session).record_outcome(input)
+        metrics.payment_recorded(payment)
         log.info("payment.recorded", payment_id=payment.id, status=str(payment.status))
         return payment
 
@@ -146,9 +152,10 @@ class PaymentActivities:
             "data": payment.public_dict(),
         }
         try:
-            await self._webhooks.send(
-                url=target.url, secrets=target.signing_secrets, event_id=event_id, event=event
-            )
+            with metrics.webhook_delivery(event_id):
+                await self._webhooks.send(
+                    url=target.url, secrets=target.signing_secrets, event_id=event_id, event=event
+                )
         except WebhookDeliveryError as exc:
             raise ApplicationError(str(exc), type=ErrorType.WEBHOOK_DELIVERY_FAILED) from exc
         log.info("webhook.delivered", payment_id=payment.id, event_type=input.event_type)

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request, Response
 
 from api.auth import ApiKeyAuthenticator
 from api.limits import BodyLimitMiddleware
+from api.metrics import install_metrics
 from api.openapi import install_openapi
 from api.payments import PaymentService
 from api.problems import install_problem_handlers
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
     install_openapi(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
+    install_metrics(app)
     app.include_router(payments.router)
 
     @app.get("/healthz", include_in_schema=False)

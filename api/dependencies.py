@@ -8,6 +8,7 @@ from fastapi import Depends, Request, Response, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.auth import ApiKeyAuthenticator
+from api.metrics import record_rate_limited
 from api.payments import PaymentService
 from api.problems import rate_limited
 from api.ratelimit import RateLimiter
@@ -44,6 +45,7 @@ async def _current_client(
     decision = limiter.take(client.client_id)
     headers = limiter.headers(decision)
     if not decision.allowed:
+        record_rate_limited()
         raise rate_limited(decision.retry_after, headers)
     response.headers.update(headers)
     return client

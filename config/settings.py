@@ -71,6 +71,14 @@ class Settings(BaseSettings):
     # stack and the tests, whose receiver is at http://127.0.0.1. Never in production.
     webhook_allow_loopback: bool = False
 
+    # Metrics (Prometheus). The API serves /metrics on its own port; each worker process
+    # serves the SDK's metrics and our business metrics on two more ports (0 turns one off).
+    # All interfaces by default, so Prometheus reaches a container; the dev stack binds
+    # its own host.
+    metrics_host: str = "0.0.0.0"
+    worker_sdk_metrics_port: int = Field(default=9000, ge=0, le=65535)
+    worker_metrics_port: int = Field(default=9001, ge=0, le=65535)
+
     # Logging
     log_level: str = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -46,6 +46,7 @@ def _banner(stack: Stack) -> str:
     client = stack.demo_client
     assert client is not None
     ui = stack.temporal.ui_url
+    metrics = stack.worker_metrics_urls
     return f"""
 Payments stack ready in {stack.timings["total"]:.1f} s
 
@@ -54,6 +55,7 @@ Payments stack ready in {stack.timings["total"]:.1f} s
   Provider      {stack.provider_url}   (sandbox)
   PostgreSQL    {stack.database_url.replace("+psycopg", "")}
   Webhooks      {stack.webhooks.url}   (demo receiver; events are logged below)
+  Metrics       {stack.api_url}/metrics   worker: {metrics["sdk"]} (SDK), {metrics["business"]}
 
 Demo API key (client "demo", {client.client_id}):
   export API_KEY={client.api_key}

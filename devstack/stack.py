@@ -49,6 +49,9 @@ class StackPorts:
     provider: int = 8100
     api: int = 8000
     webhooks: int = 8200
+    # The worker's Prometheus endpoints (SDK metrics, business metrics); None: a free port.
+    worker_sdk_metrics: int | None = None
+    worker_metrics: int | None = None
 
     @classmethod
     def free(cls, *, ui: bool = False) -> StackPorts:
@@ -96,6 +99,7 @@ class Stack:
         self.config = config
         data, host, ports = config.data_dir, config.host, config.ports
         self.logs_dir = data / "logs"
+        self.temporal_metrics_port = free_port()
         self.timings: dict[str, float] = {}
         self.demo_client: CreatedClient | None = None
 
@@ -108,7 +112,7 @@ class Stack:
             port=ports.temporal,
             ui_port=ports.temporal_ui,
             http_port=free_port(),
-            metrics_port=free_port(),
+            metrics_port=self.temporal_metrics_port,
             **self._output("temporal"),
         )
         self.provider = ManagedProcess(
@@ -143,6 +147,19 @@ class Stack:
         return f"http://{self.config.host}:{self.config.ports.provider}"
 
     @property
+    def worker_metrics_urls(self) -> dict[str, str]:
+        """The worker's Prometheus endpoints: the SDK's and ours."""
+        host = self.config.host
+        return {
+            "sdk": f"http://{host}:{self.worker_sdk_metrics_port}/metrics",
+            "business": f"http://{host}:{self.worker_metrics_port}/metrics",
+        }
+
+    @property
+    def temporal_metrics_url(self) -> str:
+        return f"http://{self.config.host}:{self.temporal_metrics_port}/metrics"
+
+    @property
     def temporal_address(self) -> str:
         return self.temporal.address
 
@@ -163,6 +180,7 @@ class Stack:
             "PAYMENTS_PROVIDER_API_KEY": DEV_PROVIDER_API_KEY,
             "PAYMENTS_WEBHOOK_ALLOW_LOOPBACK": "true",
             "PAYMENTS_LOG_FORMAT": self.config.log_format,
+            "PAYMENTS_METRICS_HOST": host,
             **self.config.extra_env,
         }
 
@@ -172,10 +190,18 @@ class Stack:
         return {"log_path": self.logs_dir / f"{name}.log", "echo": False}
 
     def _worker_process(self) -> ManagedProcess:
+        ports = self.config.ports
+        # Free ports chosen just before each start: on a busy machine one stays free briefly.
+        self.worker_sdk_metrics_port = ports.worker_sdk_metrics or free_port()
+        self.worker_metrics_port = ports.worker_metrics or free_port()
         return ManagedProcess(
             "worker",
             [sys.executable, "worker.py"],
-            env=self.settings_env(),
+            env={
+                **self.settings_env(),
+                "PAYMENTS_WORKER_SDK_METRICS_PORT": str(self.worker_sdk_metrics_port),
+                "PAYMENTS_WORKER_METRICS_PORT": str(self.worker_metrics_port),
+            },
             cwd=REPO_ROOT,
             **self._output("worker"),
         )

@@ -1,0 +1,139 @@
+"""Prometheus metrics of the API, served at ``/metrics``.
+
+Requests are counted by route *template* (``/v1/payments/{payment_id}``), never by
+raw path, so a scan of random URLs cannot blow up the number of series: a request
+that matches no route is counted under ``route="unmatched"``.
+
+Each API process keeps its own counters and serves them on its own ``/metrics``:
+with several uvicorn workers or replicas, scrape every process (Prometheus adds
+them up with ``sum by (...)``). No multiprocess mode: one process per port keeps it
+simple and is what ``make run``, the compose file and Kubernetes run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.problems import TYPE_BASE
+
+UNMATCHED_ROUTE = "unmatched"
+IDEMPOTENCY_CONFLICT_TYPE = TYPE_BASE + "idempotency-key-reused"
+
+REQUESTS = Counter(
+    "payments_api_requests",
+    "HTTP requests answered, by method, route template and status code.",
+    ["method", "route", "status"],
+)
+REQUEST_DURATION = Histogram(
+    "payments_api_request_duration_seconds",
+    "Time from receiving a request to its response, by method, route template and status.",
+    ["method", "route", "status"],
+    # The API waits up to api_wait_seconds (5 s by default) for an outcome.
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0),
+)
+IDEMPOTENT_REPLAYS = Counter(
+    "payments_api_idempotent_replays",
+    "Responses that replayed an earlier request with the same Idempotency-Key "
+    "(header Idempotent-Replayed: true).",
+    ["route"],
+)
+IDEMPOTENCY_CONFLICTS = Counter(
+    "payments_api_idempotency_conflicts",
+    "422 answers: an Idempotency-Key reused with a different request body.",
+    ["route"],
+)
+RATE_LIMITED = Counter(
+    "payments_api_rate_limited",
+    "Requests refused with 429 by the per-client rate limiter.",
+)
+
+
+def record_rate_limited() -> None:
+    """The rate limiter calls this once per request it refuses with 429.
+
+    Every 429 is also counted in ``payments_api_requests_total{status="429"}``
+    whoever produced it; this counter says the limiter did.
+    """
+    RATE_LIMITED.inc()
+
+
+def _route_template(scope: Scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else UNMATCHED_ROUTE
+
+
+def _is_idempotency_conflict(body: bytes) -> bool:
+    try:
+        problem: Any = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(problem, dict) and problem.get("type") == IDEMPOTENCY_CONFLICT_TYPE
+
+
+class MetricsMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware): it sees the status and headers as they are
+    sent, and the body only of a 422, to tell an idempotency conflict apart."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the client gets if the app raises before answering
+        replayed = False
+        conflict_body = bytearray()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, replayed
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                for name, value in message.get("headers", []):
+                    if name.lower() == b"idempotent-replayed" and value.lower() == b"true":
+                        replayed = True
+            elif message["type"] == "http.response.body" and status == 422:
+                conflict_body.extend(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = _route_template(scope)
+            labels = (scope["method"], route, str(status))
+            REQUESTS.labels(*labels).inc()
+            REQUEST_DURATION.labels(*labels).observe(time.perf_counter() - started)
+            if replayed:
+                IDEMPOTENT_REPLAYS.labels(route).inc()
+            if status == 422 and _is_idempotency_conflict(bytes(conflict_body)):
+                IDEMPOTENCY_CONFLICTS.labels(route).inc()
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def install_metrics(app: FastAPI) -> None:
+    """``/metrics`` plus the middleware that counts every request.
+
+    The middleware wraps the whole stack, outside every middleware added before or
+    after this call (a rate limiter's 429, the error handler's 500), so it counts
+    what the client really got.
+    """
+    build_stack = app.build_middleware_stack
+
+    def build_stack_with_metrics() -> ASGIApp:
+        return MetricsMiddleware(build_stack())
+
+    app.build_middleware_stack = build_stack_with_metrics  # type: ignore[method-assign]
+    app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
