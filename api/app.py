@@ -11,6 +11,7 @@ import structlog
 from fastapi import FastAPI, Request, Response
 
 from api.auth import ApiKeyAuthenticator
+from api.codec_server import create_codec_app
 from api.payments import PaymentService
 from api.problems import install_problem_handlers
 from api.routes import payments
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_problem_handlers(app)
     app.include_router(payments.router)
+    app.mount("/codec", create_codec_app(settings))
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
