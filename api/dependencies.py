@@ -8,6 +8,7 @@ from fastapi import Depends, Header, Request
 
 from api.auth import ApiKeyAuthenticator
 from api.payments import PaymentService
+from config.logging import bind_request_fields
 from config.settings import Settings
 from ledger.repositories import ClientIdentity
 
@@ -27,7 +28,9 @@ async def _current_client(
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> ClientIdentity:
     authenticator: ApiKeyAuthenticator = request.app.state.authenticator
-    return await authenticator.authenticate(authorization)
+    client = await authenticator.authenticate(authorization)
+    bind_request_fields(client_id=client.client_id)
+    return client
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
