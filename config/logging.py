@@ -131,11 +131,19 @@ def configure_logging(
         _flatten_temporal_context,
     ]
     renderer: structlog.types.Processor = (
-        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer()
+        if use_console
+        else structlog.processors.JSONRenderer(separators=(",", ":"))
     )
 
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=[
+            shared[0],
+            # structlog's own lines only: a stdlib record cannot be dropped by a formatter.
+            fold_into_attempt_line,
+            *shared[1:],
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
@@ -213,6 +221,26 @@ def bind_request_fields(**fields: Any) -> None:
 
 activity_log = structlog.get_logger("activity")
 
+# While an attempt runs, the INFO events its activity logs are gathered here and written
+# on the attempt's canonical line: one line per attempt, however chatty the activity.
+_attempt_fields: ContextVar[dict[str, Any] | None] = ContextVar("attempt_fields", default=None)
+_CANONICAL = "activity.attempt"
+
+
+def fold_into_attempt_line(
+    _logger: object, method_name: str, event_dict: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    collected = _attempt_fields.get()
+    """Inside an activity attempt, an INFO event becomes fields of the attempt's line."""
+    if collected is None or method_name != "info" or event_dict.get("event") == _CANONICAL:
+        return event_dict
+    bound = structlog.contextvars.get_contextvars()
+    collected.setdefault("events", []).append(event_dict.get("event"))
+    for name, value in event_dict.items():
+        if name != "event" and name not in bound:
+            collected.setdefault(name, value)
+    raise structlog.DropEvent
+
 
 class ActivityLoggingInterceptor(Interceptor):
     """Binds workflow id, run id, activity and attempt for every line an activity writes,
@@ -226,6 +254,8 @@ class _ActivityLogging(ActivityInboundInterceptor):
     async def execute_activity(self, input: ExecuteActivityInput) -> Any:
         info = activity.info()
         started = time.perf_counter()
+        collected: dict[str, Any] = {}
+        token = _attempt_fields.set(collected)
         with structlog.contextvars.bound_contextvars(
             workflow_id=info.workflow_id,
             run_id=info.workflow_run_id,
@@ -236,38 +266,38 @@ class _ActivityLogging(ActivityInboundInterceptor):
                 result = await self.next.execute_activity(input)
             except ApplicationError as err:
                 benign = err.category == ApplicationErrorCategory.BENIGN
-                activity_log.log(
+                _attempt_line(
                     logging.INFO if benign else logging.WARNING,
-                    "activity.attempt",
+                    started,
+                    collected,
                     outcome="failed",
                     error_type=err.type,
                     error=err.message,
                     retryable=not err.non_retryable,
-                    duration_ms=_ms_since(started),
                 )
                 raise
             except BaseException as err:
                 if activity.is_cancelled():
-                    activity_log.info(
-                        "activity.attempt", outcome="cancelled", duration_ms=_ms_since(started)
-                    )
+                    _attempt_line(logging.INFO, started, collected, outcome="cancelled")
                 else:
                     # Not translated at the activity's edge: a bug or an infrastructure
                     # failure that will retry; the traceback is worth its bytes.
-                    activity_log.warning(
-                        "activity.attempt",
+                    _attempt_line(
+                        logging.WARNING,
+                        started,
+                        collected,
                         outcome="failed",
                         error_type=type(err).__name__,
                         retryable=True,
-                        duration_ms=_ms_since(started),
                         exc_info=err,
                     )
                 raise
-            activity_log.info(
-                "activity.attempt", outcome="completed", duration_ms=_ms_since(started)
-            )
+            finally:
+                _attempt_fields.reset(token)
+            _attempt_line(logging.INFO, started, collected, outcome="completed")
             return result
 
 
-def _ms_since(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 1)
+def _attempt_line(level: int, started: float, collected: dict[str, Any], **fields: Any) -> None:
+    duration_ms = round((time.perf_counter() - started) * 1000, 1)
+    activity_log.log(level, _CANONICAL, **{**collected, **fields, "duration_ms": duration_ms})

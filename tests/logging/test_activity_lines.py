@@ -18,7 +18,7 @@ from temporalio.worker import Replayer, Worker
 
 with workflow.unsafe.imports_passed_through():
     # The sandbox re-imports this module; cryptography cannot be imported twice.
-    from config.logging import ActivityLoggingInterceptor
+    from config.logging import ActivityLoggingInterceptor, fold_into_attempt_line
     from config.settings import venv_bin
     from tests.helpers.temporal import encrypting_data_converter
 
@@ -63,8 +63,9 @@ async def test_each_attempt_writes_one_line_with_its_outcome_and_context(
     order = uuid.uuid4().hex
     workflow_id = f"probe-{order}"
     task_queue = f"tq-{order}"
+    # The head of the configured chain: context first, then the folding.
     with structlog.testing.capture_logs(
-        processors=[structlog.contextvars.merge_contextvars]
+        processors=[structlog.contextvars.merge_contextvars, fold_into_attempt_line]
     ) as captured:
         async with Worker(
             env.client,
@@ -89,10 +90,10 @@ async def test_each_attempt_writes_one_line_with_its_outcome_and_context(
         assert line["run_id"] == handle.result_run_id
         assert line["activity"] == "flaky_step"
         assert line["duration_ms"] >= 0
-    # Lines the activity writes itself carry the same fields.
-    inside = [line for line in lines if line["event"] == "step.inside"]
-    assert [line["attempt"] for line in inside] == [1, 2]
-    assert {line["activity"] for line in inside} == {"flaky_step"}
+    # What the activity logs at INFO rides on its attempt's line instead of a line of its own.
+    assert [c["events"] for c in canonical] == [["step.inside"], ["step.inside"]]
+    assert {c["order"] for c in canonical} == {order}
+    assert [line["event"] for line in lines] == ["activity.attempt", "activity.attempt"]
 
 
 async def test_workflow_logs_are_silent_during_replay(
