@@ -4,6 +4,9 @@ metadata; read with the codec (as the API, the worker and the UI do) it decodes.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 import uuid
 
 import httpx
@@ -12,6 +15,7 @@ from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.workflowservice.v1 import GetWorkflowExecutionHistoryRequest
 from temporalio.client import Client
 
+from config.settings import venv_bin
 from devstack.temporal_server import NAMESPACE
 from domain.payments import Payment, PaymentInput, payment_workflow_id
 from tests.helpers.e2e import E2EStack
@@ -63,3 +67,58 @@ async def test_a_raw_history_holds_no_card_token_or_metadata_in_clear(stack: E2E
     assert payment_input.request.metadata == {"customer_email": f"{marker}@example.com"}
     result = await handle.result()
     assert result.metadata == body["metadata"]
+
+
+def _payload_bytes(history_json: str) -> bytes:
+    """Every payload's data in a ``temporal workflow show --output json`` history."""
+    found: list[bytes] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("data"), str) and "metadata" in node:
+                found.append(base64.b64decode(node["data"]))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(json.loads(history_json))
+    assert found, "no payloads in the history"
+    return b"\n".join(found)
+
+
+async def _temporal_cli(*args: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        venv_bin("temporal"), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output, _ = await process.communicate()
+    assert process.returncode == 0, output.decode()
+    return output.decode()
+
+
+async def test_the_temporal_cli_decodes_a_declined_payment_through_our_codec_endpoint(
+    stack: E2EStack,
+) -> None:
+    key = str(uuid.uuid4())
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+        response = await http.post(
+            "/v1/payments",
+            json={"amount": 990, "currency": "EUR", "payment_method": "pm_card_chargeDeclined"},
+            headers={"Authorization": f"Bearer {stack.client.api_key}", "Idempotency-Key": key},
+        )
+    assert response.status_code == 201, response.text
+    show = ["workflow", "show", "--address", stack.temporal_address, "--namespace", NAMESPACE,
+            "-w", payment_workflow_id(stack.client.client_id, key), "--output", "json"]  # fmt: skip
+
+    raw = await _temporal_cli(*show)
+    # Not in a payload, nor in the failure's message or stack trace (those stay clear).
+    assert b"pm_card_chargeDeclined" not in _payload_bytes(raw)
+    assert "pm_card_chargeDeclined" not in raw
+    assert "declined" in raw.lower()
+    token = stack.stack.dev_secrets["codec_token"]
+    decoded = await _temporal_cli(
+        *show, "--codec-endpoint", stack.stack.codec_url, "--codec-auth", f"Bearer {token}"
+    )
+    assert b"pm_card_chargeDeclined" in _payload_bytes(decoded)
