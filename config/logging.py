@@ -225,6 +225,7 @@ activity_log = structlog.get_logger("activity")
 # on the attempt's canonical line: one line per attempt, however chatty the activity.
 _attempt_fields: ContextVar[dict[str, Any] | None] = ContextVar("attempt_fields", default=None)
 _CANONICAL = "activity.attempt"
+_MAX_FOLDED_EVENTS = 20  # a chatty loop must not grow one line without bound
 
 
 def fold_into_attempt_line(
@@ -235,7 +236,9 @@ def fold_into_attempt_line(
     if collected is None or method_name != "info" or event_dict.get("event") == _CANONICAL:
         return event_dict
     bound = structlog.contextvars.get_contextvars()
-    collected.setdefault("events", []).append(event_dict.get("event"))
+    events = collected.setdefault("events", [])
+    if len(events) < _MAX_FOLDED_EVENTS:
+        events.append(event_dict.get("event"))
     for name, value in event_dict.items():
         if name != "event" and name not in bound:
             collected.setdefault(name, value)

@@ -147,6 +147,17 @@ def test_production_requires_payload_keys() -> None:
     )
 
 
+def test_production_refuses_a_short_codec_token() -> None:
+    production = {
+        "environment": "production",
+        "provider_api_key": SecretStr("sk_live_real"),
+        "payload_keys": SecretStr(f"k1:{new_payload_key()}"),
+    }
+    with pytest.raises(ValidationError, match="at least 32 characters"):
+        Settings(**production, codec_auth_token=SecretStr("short"))  # type: ignore[arg-type]
+    Settings(**production, codec_auth_token=SecretStr("x" * 32))  # type: ignore[arg-type]
+
+
 async def test_the_configured_converter_encrypts() -> None:
     settings = Settings(payload_keys=SecretStr(f"k1:{new_payload_key()}"))
     [stored] = await data_converter(settings).encode([REQUEST])
