@@ -73,6 +73,9 @@ def create_codec_app(settings: Settings) -> Starlette:
             namespace = request.headers.get("x-namespace")
             if namespace and namespace != settings.temporal_namespace:
                 return _problem(403, "wrong-namespace", "This codec serves another namespace.")
+            declared = request.headers.get("content-length", "0")
+            if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
+                return _problem(413, "too-large", "At most 4 MiB of payloads per request.")
             body = await request.body()
             if len(body) > MAX_BODY_BYTES:
                 return _problem(413, "too-large", "At most 4 MiB of payloads per request.")

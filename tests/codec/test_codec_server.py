@@ -167,3 +167,10 @@ async def test_without_a_configured_token_nobody_gets_in(settings: Settings) -> 
             "/codec/decode", json=await _sealed_body(settings), headers=_auth()
         )
     assert response.status_code == 401
+
+
+async def test_an_oversized_body_is_refused_before_it_is_read(http: httpx.AsyncClient) -> None:
+    response = await http.post(
+        "/codec/decode", content=b"x" * (4 * 1024 * 1024 + 1), headers=_auth()
+    )
+    assert response.status_code == 413
