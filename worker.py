@@ -21,7 +21,7 @@ from activities.metrics import WorkerMetrics, install_sdk_metrics
 from activities.payments import PaymentActivities
 from activities.provider_client import ProviderClient
 from activities.webhooks import WebhookSender
-from config.logging import configure_logging
+from config.logging import ActivityLoggingInterceptor, configure_logging
 from config.settings import Settings
 from config.temporal import connect_temporal
 from ledger.db import create_engine, session_factory
@@ -58,6 +58,7 @@ async def run_worker(settings: Settings) -> None:
             activities.notify_webhook,
         ],
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+        interceptors=[ActivityLoggingInterceptor()],
     )
 
     stop = asyncio.Event()
@@ -79,7 +80,7 @@ async def run_worker(settings: Settings) -> None:
 
 def main() -> int:
     settings = Settings()
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, environment=settings.environment)
     asyncio.run(run_worker(settings))
     return 0
 

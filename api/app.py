@@ -11,6 +11,7 @@ import structlog
 from fastapi import FastAPI, Request, Response
 
 from api.auth import ApiKeyAuthenticator
+from api.codec_server import create_codec_app
 from api.limits import BodyLimitMiddleware
 from api.metrics import install_metrics
 from api.openapi import install_openapi
@@ -18,7 +19,12 @@ from api.payments import PaymentService
 from api.problems import install_problem_handlers
 from api.ratelimit import RateLimiter
 from api.routes import payments
-from config.logging import configure_logging
+from config.logging import (
+    bind_request_fields,
+    configure_logging,
+    start_request_context,
+    usable_request_id,
+)
 from config.settings import Settings
 from config.temporal import connect_temporal
 from ledger.db import create_engine, session_factory
@@ -28,7 +34,7 @@ log = structlog.get_logger("api")
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, environment=settings.environment)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -59,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
     install_metrics(app)
     app.include_router(payments.router)
+    app.mount("/codec", create_codec_app(settings))
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -68,13 +75,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def access_log(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        structlog.contextvars.clear_contextvars()
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+        request_id = usable_request_id(request.headers.get("x-request-id")) or uuid.uuid4().hex
+        fields = start_request_context(request_id=request_id)
+        if key := request.headers.get("idempotency-key"):
+            bind_request_fields(idempotency_key=key[:255])
         started = time.perf_counter()
         response = await call_next(request)
         response.headers["X-Request-Id"] = request_id
         if request.url.path != "/healthz":
+            # Fields learned by the handler (the client) ride on the canonical line too.
+            structlog.contextvars.bind_contextvars(**fields)
             log.info(
                 "http.request",
                 method=request.method,

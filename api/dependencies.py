@@ -12,6 +12,7 @@ from api.metrics import record_rate_limited
 from api.payments import PaymentService
 from api.problems import rate_limited
 from api.ratelimit import RateLimiter
+from config.logging import bind_request_fields
 from config.settings import Settings
 from ledger.repositories import ClientIdentity
 
@@ -41,6 +42,7 @@ async def _current_client(
 ) -> ClientIdentity:
     authenticator: ApiKeyAuthenticator = request.app.state.authenticator
     client = await authenticator.authenticate(request.headers.get("authorization"))
+    bind_request_fields(client_id=client.client_id)
     limiter: RateLimiter = request.app.state.rate_limiter
     decision = limiter.take(client.client_id)
     headers = limiter.headers(decision)

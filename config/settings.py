@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from config.codec import PayloadKeyError, parse_payload_keys
+
 # Secrets that ship in this repository for local development only.
 DEV_PROVIDER_API_KEY = "sk_test_sandbox_local"
 _PLACEHOLDER_SECRETS = {DEV_PROVIDER_API_KEY, "changeme", ""}
@@ -78,6 +80,14 @@ class Settings(BaseSettings):
     metrics_host: str = "0.0.0.0"
     worker_sdk_metrics_port: int = Field(default=9000, ge=0, le=65535)
     worker_metrics_port: int = Field(default=9001, ge=0, le=65535)
+    # Payload encryption (config/codec.py): "id:base64key,..." or JSON {"id": "base64key"};
+    # the active id seals new payloads, every listed key still opens old ones.
+    payload_keys: SecretStr | None = None
+    payload_key_id: str | None = None
+    # The codec endpoint the Temporal UI decodes through (/codec on the API): staff token,
+    # and the one browser origin (the UI's) allowed to call it.
+    codec_auth_token: SecretStr | None = None
+    codec_cors_origin: str | None = None
 
     # Logging
     log_level: str = "INFO"
@@ -90,7 +100,37 @@ class Settings(BaseSettings):
                 raise ValueError("PAYMENTS_PROVIDER_API_KEY must be set in production")
             if self.webhook_allow_loopback:
                 raise ValueError("PAYMENTS_WEBHOOK_ALLOW_LOOPBACK is for development only")
+            if self.payload_keyring is None:
+                raise ValueError("PAYMENTS_PAYLOAD_KEYS must be set in production")
+            token = self.codec_auth_token
+            if token is not None and len(token.get_secret_value()) < 32:
+                raise ValueError("PAYMENTS_CODEC_AUTH_TOKEN needs at least 32 characters")
         return self
+
+    @model_validator(mode="after")
+    def _payload_keys_usable(self) -> Settings:
+        try:
+            _ = self.payload_keyring
+        except PayloadKeyError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @cached_property
+    def payload_keyring(self) -> tuple[dict[str, bytes], str] | None:
+        """(keys by id, active id), or None when payload encryption is off."""
+        if self.payload_keys is None:
+            return None
+        keys = parse_payload_keys(self.payload_keys.get_secret_value())
+        if not keys:
+            return None
+        active = self.payload_key_id
+        if active is None:
+            if len(keys) != 1:
+                raise PayloadKeyError("PAYMENTS_PAYLOAD_KEY_ID must name the active key")
+            active = next(iter(keys))
+        if active not in keys:
+            raise PayloadKeyError(f"PAYMENTS_PAYLOAD_KEY_ID {active!r} is not in the keys")
+        return keys, active
 
     @cached_property
     def sqlalchemy_url(self) -> str:

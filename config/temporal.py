@@ -1,11 +1,23 @@
 """One way to reach Temporal, from settings: the dev server locally, a cluster or
-Temporal Cloud (TLS, API key) in production."""
+Temporal Cloud (TLS, API key) in production. Every client gets the same data
+converter, so payloads are encrypted on the way in and readable on the way out."""
 
 from __future__ import annotations
 
 from temporalio.client import Client
+from temporalio.converter import DataConverter
 
+from config.codec import AesGcmCodec
 from config.settings import Settings
+
+
+def data_converter(settings: Settings) -> DataConverter:
+    """The converter every client, worker and replayer of this deployment must use."""
+    keyring = settings.payload_keyring
+    if keyring is None:
+        return DataConverter.default
+    keys, active = keyring
+    return DataConverter(payload_codec=AesGcmCodec(keys, active))
 
 
 async def connect_temporal(settings: Settings, *, lazy: bool = False) -> Client:
@@ -16,4 +28,5 @@ async def connect_temporal(settings: Settings, *, lazy: bool = False) -> Client:
         tls=settings.temporal_tls or api_key is not None,
         api_key=api_key,
         lazy=lazy,
+        data_converter=data_converter(settings),
     )

@@ -52,6 +52,10 @@ Payments stack ready in {stack.timings["total"]:.1f} s
 
   API           {stack.api_url}        docs: {stack.api_url}/docs
   Temporal UI   {ui}
+                payloads are encrypted; to read them in the UI sign in at
+                {stack.codec_url}/login with the codec token
+                {stack.dev_secrets["codec_token"]}
+                then tick "Include cross-origin credentials" in the UI's codec settings
   Provider      {stack.provider_url}   (sandbox)
   PostgreSQL    {stack.database_url.replace("+psycopg", "")}
   Webhooks      {stack.webhooks.url}   (demo receiver; events are logged below)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -18,13 +19,17 @@ from types import TracebackType
 from typing import TypedDict
 
 import httpx
+from pydantic import SecretStr
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
+from temporalio.converter import DataConverter
 
 from admin.clients import CreatedClient, client_exists_async, create_client_async
-from config.settings import DEV_PROVIDER_API_KEY
+from config.codec import new_payload_key
+from config.settings import DEV_PROVIDER_API_KEY, Settings
+from config.temporal import data_converter
 from devstack.ports import free_port
 from devstack.postgres import PostgresServer
 from devstack.processes import ManagedProcess
@@ -34,6 +39,22 @@ from domain.payments import TASK_QUEUE
 from ledger.migrate import upgrade_to_head
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+DEV_PAYLOAD_KEY_ID = "dev1"
+
+
+def _dev_secrets(data_dir: Path) -> dict[str, str]:
+    """The dev payload key and codec token, made once per data dir and kept there (the
+    data dir is git-ignored): histories written by the last run stay readable."""
+    path = data_dir / "dev-secrets.json"
+    if path.exists():
+        return dict(json.loads(path.read_text()))
+    made = {"payload_key": new_payload_key(), "codec_token": secrets.token_urlsafe(32)}
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(made, indent=2))
+    return made
 
 
 class _Output(TypedDict):
@@ -102,6 +123,7 @@ class Stack:
         self.temporal_metrics_port = free_port()
         self.timings: dict[str, float] = {}
         self.demo_client: CreatedClient | None = None
+        self.dev_secrets = _dev_secrets(data)
 
         self.postgres = PostgresServer(
             data / "postgres", ports.postgres, host=host, **self._output("postgres")
@@ -113,6 +135,7 @@ class Stack:
             ui_port=ports.temporal_ui,
             http_port=free_port(),
             metrics_port=self.temporal_metrics_port,
+            ui_codec_endpoint=self.codec_url if ports.temporal_ui is not None else None,
             **self._output("temporal"),
         )
         self.provider = ManagedProcess(
@@ -160,6 +183,11 @@ class Stack:
         return f"http://{self.config.host}:{self.temporal_metrics_port}/metrics"
 
     @property
+    def codec_url(self) -> str:
+        """The payload codec endpoint the Temporal UI decodes through (on the API)."""
+        return f"{self.api_url}/codec"
+
+    @property
     def temporal_address(self) -> str:
         return self.temporal.address
 
@@ -181,8 +209,33 @@ class Stack:
             "PAYMENTS_WEBHOOK_ALLOW_LOOPBACK": "true",
             "PAYMENTS_LOG_FORMAT": self.config.log_format,
             "PAYMENTS_METRICS_HOST": host,
+            "PAYMENTS_PAYLOAD_KEYS": f"{DEV_PAYLOAD_KEY_ID}:{self.dev_secrets['payload_key']}",
+            "PAYMENTS_PAYLOAD_KEY_ID": DEV_PAYLOAD_KEY_ID,
+            "PAYMENTS_CODEC_AUTH_TOKEN": self.dev_secrets["codec_token"],
+            **(
+                {"PAYMENTS_CODEC_CORS_ORIGIN": f"http://{host}:{ports.temporal_ui}"}
+                if ports.temporal_ui is not None
+                else {}
+            ),
             **self.config.extra_env,
         }
+
+    def data_converter(self) -> DataConverter:
+        """The converter the worker and the API use (payloads encrypted with the dev key)."""
+        env = self.settings_env()
+        keys = env.get("PAYMENTS_PAYLOAD_KEYS")
+        return data_converter(
+            Settings(
+                payload_keys=SecretStr(keys) if keys else None,
+                payload_key_id=env.get("PAYMENTS_PAYLOAD_KEY_ID"),
+            )
+        )
+
+    async def temporal_client(self) -> Client:
+        """A client of this stack's Temporal that reads payloads as the worker wrote them."""
+        return await Client.connect(
+            self.temporal.address, namespace=NAMESPACE, data_converter=self.data_converter()
+        )
 
     def _output(self, name: str) -> _Output:
         if self.config.echo:
@@ -214,7 +267,7 @@ class Stack:
 
     async def _worker_polling(self) -> bool:
         """Both the workflow and the activity task queue are polled by *this* worker."""
-        client = await Client.connect(self.temporal.address, namespace=NAMESPACE)
+        client = await self.temporal_client()
         identity_prefix = f"{self.worker.pid}@"
         for queue_type in (
             TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,

@@ -27,6 +27,7 @@ class TemporalDevServer:
         log_path: Path | None = None,
         echo: bool = False,
         temporal_cli: str | None = None,
+        ui_codec_endpoint: str | None = None,
     ) -> None:
         self.db_file = db_file
         self.host = host
@@ -47,6 +48,9 @@ class TemporalDevServer:
             "--sqlite-pragma", "synchronous=normal",
         ]  # fmt: skip
         argv += ["--ui-port", str(ui_port)] if ui_port is not None else ["--headless"]
+        if ui_codec_endpoint is not None:
+            # The UI decodes encrypted payloads through our codec endpoint (for signed-in staff).
+            argv += ["--ui-codec-endpoint", ui_codec_endpoint]
         for registration in search_attributes.cli_registrations():
             argv += ["--search-attribute", registration]
         self.process = ManagedProcess("temporal", argv, log_path=log_path, echo=echo)

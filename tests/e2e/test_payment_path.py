@@ -10,7 +10,6 @@ from typing import Any
 import httpx
 import pytest
 from standardwebhooks import Webhook
-from temporalio.client import Client
 
 from domain.payments import payment_workflow_id
 from tests.e2e.conftest import PROCESSING_WAIT_SECONDS
@@ -81,7 +80,7 @@ async def test_fifty_concurrent_duplicates_make_one_run_and_one_charge(stack: E2
     assert (await stack.provider_stats())["charges_by_key"][payment_id] == 1
     assert await stack.ledger_balance(payment_id) == (2, 0)
 
-    temporal = await Client.connect(stack.temporal_address)
+    temporal = await stack.stack.temporal_client()
     runs = [
         execution
         async for execution in temporal.list_workflows(

@@ -37,14 +37,15 @@ from domain.payments import (
     PaymentStatus,
     RecordOutcomeInput,
 )
-from tests.helpers.temporal import register_search_attributes
+from tests.helpers.temporal import encrypting_data_converter, register_search_attributes
 from workflows.payment import AWAIT_OUTCOME_UPDATE, PaymentWorkflow
 
 
 @pytest.fixture(scope="module")
 async def env() -> AsyncIterator[WorkflowEnvironment]:
     environment = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=venv_bin("temporal-test-server")
+        test_server_existing_path=venv_bin("temporal-test-server"),
+        data_converter=encrypting_data_converter(),
     )
     try:
         await register_search_attributes(environment.client)

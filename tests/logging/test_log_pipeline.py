@@ -1,0 +1,150 @@
+"""The process-wide pipeline, run as the API and the worker run it: in a fresh
+interpreter, writing to a pipe (JSON) or a terminal (console)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from admin.credentials import new_api_key, new_webhook_secret
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+API_KEY = new_api_key()
+WEBHOOK_SECRET = new_webhook_secret()
+PROVIDER_KEY = "sk_live_51HxQa2eZvKYlo2C0provider"
+CARD_TOKEN = "pm_card_visa"
+CODEC_TOKEN = "codec-token-that-has-no-prefix-at-all"
+SECRETS = [API_KEY, WEBHOOK_SECRET, PROVIDER_KEY, CARD_TOKEN, CODEC_TOKEN]
+
+# Each secret reaches the logs by a different road: message text, a field, a nested
+# header dict, a stdlib logger's %-args, an exception's message and traceback.
+LEAKY_PROGRAM = f"""
+import logging, structlog
+from config.logging import configure_logging
+configure_logging("INFO", "json")
+log = structlog.get_logger("api")
+log.info("auth.failed", authorization="Bearer {API_KEY}")
+log.info("payment.request", body={{"payment_method": "{CARD_TOKEN}", "amount": 1250}})
+log.info("webhook.configured text whsec={WEBHOOK_SECRET}", idempotency_key="order-1")
+log.info("http.call", headers={{"Authorization": "Basic abc", "X-Codec": "x"}},
+         codec_auth_token="{CODEC_TOKEN}")
+logging.getLogger("uvicorn.error").warning("provider said: bad key %s", "{PROVIDER_KEY}")
+logging.getLogger("temporalio.activity").info("card %s declined", "{CARD_TOKEN}")
+try:
+    raise RuntimeError("charge failed for {CARD_TOKEN} with key {API_KEY}")
+except RuntimeError:
+    log.exception("charge.crashed")
+"""
+
+
+def _run(program: str, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(program)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        check=True,
+    )
+    return done.stderr
+
+
+def test_no_secret_reaches_the_output() -> None:
+    output = _run(LEAKY_PROGRAM)
+    lines = [json.loads(line) for line in output.splitlines()]
+    assert len(lines) == 7
+    for secret in SECRETS:
+        assert secret not in output, f"{secret[:6]}... leaked"
+    assert "Basic abc" not in output
+    # Still useful: the kind of secret and everything else stays readable.
+    by_event = {line["event"].split(" ")[0]: line for line in lines}
+    assert by_event["auth.failed"]["authorization"] == "[redacted]"
+    assert by_event["payment.request"]["body"] == {"payment_method": "[redacted]", "amount": 1250}
+    assert by_event["webhook.configured"]["idempotency_key"] == "order-1"
+    assert "whsec_[redacted]" in by_event["webhook.configured"]["event"]
+    assert by_event["provider"]["event"] == "provider said: bad key sk_[redacted]"
+    assert by_event["card"]["event"] == "card pm_[redacted] declined"
+    crash = by_event["charge.crashed"]
+    assert (
+        "RuntimeError: charge failed for pm_[redacted] with key sk_[redacted]"
+        in (crash["exception"])
+    )
+
+
+def test_stdlib_loggers_come_out_as_the_same_json() -> None:
+    output = _run(
+        """
+        import logging, structlog
+        from config.logging import configure_logging
+        configure_logging("INFO", "auto")
+        structlog.get_logger("api").info("ours", n=1)
+        for name in ("temporalio.worker", "uvicorn.error", "sqlalchemy.engine"):
+            logging.getLogger(name).warning("theirs")
+        logging.getLogger("httpx").info("one line per HTTP call: dropped")
+        """
+    )
+    lines = [json.loads(line) for line in output.splitlines()]
+    assert [(line["logger"], line["event"]) for line in lines] == [
+        ("api", "ours"),
+        ("temporalio.worker", "theirs"),
+        ("uvicorn.error", "theirs"),
+        ("sqlalchemy.engine", "theirs"),
+    ]
+    assert all({"timestamp", "level"} <= line.keys() for line in lines)
+
+
+def _run_on_a_terminal(program: str, env: dict[str, str]) -> str:
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(program)],
+        cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=follower,
+        env={**os.environ, **env},
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closes when the child exits
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    process.wait(timeout=60)
+    os.close(leader)
+    return b"".join(chunks).decode()
+
+
+TERMINAL_PROGRAM = """
+import structlog
+from config.logging import configure_logging
+from config.settings import Settings
+settings = Settings()
+configure_logging("INFO", "auto", environment=settings.environment)
+structlog.get_logger("api").info("payment.created", amount=1250)
+"""
+
+
+def test_a_terminal_gets_the_console_and_production_gets_json() -> None:
+    console = _run_on_a_terminal(TERMINAL_PROGRAM, {"PAYMENTS_ENVIRONMENT": "development"})
+    assert "payment.created" in console
+    assert not console.lstrip().startswith("{")
+    production = _run_on_a_terminal(
+        TERMINAL_PROGRAM,
+        {
+            "PAYMENTS_ENVIRONMENT": "production",
+            "PAYMENTS_PROVIDER_API_KEY": "sk_live_real_one",
+            "PAYMENTS_PAYLOAD_KEYS": "k1:" + "A" * 43 + "=",
+        },
+    )
+    assert json.loads(production.strip())["event"] == "payment.created"
