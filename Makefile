@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONSTRAINTS := $(wildcard constraints.txt)
 
-.PHONY: run test test-fast lint format clean-data
+.PHONY: run test test-fast lint format clean-data capture-histories
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (found " + sys.version.split()[0] + "); set PYTHON=python3.11")'
@@ -36,6 +36,11 @@ test: lint
 # Everything but the end-to-end tests: for the edit-test loop.
 test-fast: lint
 	$(PY) -m pytest -m "not e2e"
+
+# Drive every payment path on a stack of its own (free ports) and refresh
+# tests/replay/histories/ (about 6 minutes: one path waits out the charge budget).
+capture-histories: $(STAMP)
+	@$(PY) -m devstack capture-histories
 
 clean-data:
 	rm -rf .data

@@ -9,8 +9,10 @@ import json
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
+from devstack import histories
 from devstack.ports import port_in_use
 from devstack.processes import ServiceFailed
 from devstack.stack import REPO_ROOT, Stack, StackConfig, StackPorts
@@ -29,6 +31,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--provider-port", type=int, default=defaults.provider)
     run.add_argument("--webhooks-port", type=int, default=defaults.webhooks)
     run.add_argument("--postgres-port", type=int, default=defaults.postgres)
+    capture = commands.add_parser(
+        "capture-histories",
+        help="drive every payment path and save its histories for the replay test",
+    )
+    histories.add_arguments(capture)
     return parser.parse_args(argv)
 
 
@@ -144,6 +151,9 @@ async def _watch(stack: Stack, stop: asyncio.Event) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.command == "capture-histories":
+        with tempfile.TemporaryDirectory(prefix="capture-histories-") as data_dir:
+            return asyncio.run(histories.run_command(args, Path(data_dir)))
     return asyncio.run(_run(args))
 
 
