@@ -13,7 +13,8 @@ from fastapi import FastAPI, Request, Response
 from api.auth import ApiKeyAuthenticator
 from api.payments import PaymentService
 from api.problems import install_problem_handlers
-from api.routes import payments
+from api.refunds import RefundService
+from api.routes import payments, refunds
 from config.logging import configure_logging
 from config.settings import Settings
 from config.temporal import connect_temporal
@@ -35,6 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.authenticator = ApiKeyAuthenticator(sessions, settings.api_key_cache_seconds)
         app.state.payments = PaymentService(sessions, temporal, settings.temporal_task_queue)
+        app.state.refunds = RefundService(sessions, temporal, settings.temporal_task_queue)
         yield
         await engine.dispose()
 
@@ -49,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_problem_handlers(app)
     app.include_router(payments.router)
+    app.include_router(refunds.router)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
