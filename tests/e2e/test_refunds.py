@@ -202,13 +202,13 @@ async def test_a_refund_racing_the_charge_is_refused_until_the_charge_succeeds(
     assert await stack.ledger_balance(payment_id) == (4, 0)
 
 
-async def _processing_payment_id(http: httpx.AsyncClient, stack: E2EStack, key: str) -> str | None:
+async def _processing_payment_id(http: httpx.AsyncClient, stack: E2EStack, key: str) -> str:
     """The payment's id once the ledger has opened it and it is still processing."""
     payment_id = payment_id_for(stack.client.client_id, key)
     read = await http.get(f"/v1/payments/{payment_id}", headers=_headers(stack.client.api_key))
     if read.status_code == 200 and read.json()["status"] == "processing":
         return payment_id
-    return None
+    return ""
 
 
 async def test_refund_webhook_carries_the_payment_and_a_higher_sequence(stack: E2EStack) -> None:
