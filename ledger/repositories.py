@@ -120,8 +120,15 @@ class PaymentRepository:
         return None if row is None else await self._with_refunds(row)
 
     async def get_by_id(self, payment_id: str) -> Payment | None:
-        """Unscoped read, for the worker only: the API always scopes by client."""
-        row = await self._session.get(PaymentRow, payment_id)
+        """Unscoped read, for the worker only: the API always scopes by client.
+
+        FOR SHARE waits out and holds off every writer of the payment (they all lock
+        its row FOR UPDATE), so its version and its refunds are read as one state:
+        what a webhook's ``sequence`` and ``data`` promise.
+        """
+        row = await self._session.scalar(
+            select(PaymentRow).where(PaymentRow.id == payment_id).with_for_update(read=True)
+        )
         return None if row is None else await self._with_refunds(row)
 
     async def open(self, payment: PaymentInput) -> StoredPayment:
