@@ -82,8 +82,9 @@ class RefundWorkflow:
                 retry_policy=LEDGER_RETRY,
                 summary="Reserve the refund against the payment",
             )
-        except ActivityError as err:
-            cause = err.cause
+        except (ActivityError, ApplicationError) as err:
+            # A failed local activity surfaces as its own ApplicationError in this SDK.
+            cause = err.cause if isinstance(err, ActivityError) else err
             if isinstance(cause, ApplicationError) and cause.type == REFUND_REFUSED_ERROR:
                 self._refusal = cause.details[0] if cause.details else {}
                 workflow.set_current_details("Refused: nothing was refunded")

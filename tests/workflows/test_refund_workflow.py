@@ -6,6 +6,7 @@ workflow asked of them.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,7 @@ from temporalio.client import (
     WorkflowFailureError,
     WorkflowHandle,
     WorkflowUpdateFailedError,
+    WorkflowUpdateStage,
 )
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
@@ -72,11 +74,14 @@ class FakeRefundPath:
     provider_refunds: list[str] = field(default_factory=list)
     recorded: list[RecordRefundInput] = field(default_factory=list)
     webhooks: list[NotifyInput] = field(default_factory=list)
+    # A refusal waits for this, so a test can attach its request first.
+    open_gate: asyncio.Event = field(default_factory=asyncio.Event)
 
     def activities(self) -> list[Callable[..., Any]]:
         @activity.defn(name="open_refund")
         async def open_refund(input: OpenRefundInput) -> OpenRefundResult:
             if self.refusal is not None:
+                await self.open_gate.wait()
                 raise ApplicationError(
                     "refund refused",
                     RefundRefusalDetails(self.refusal, "succeeded", 150),
@@ -152,14 +157,21 @@ def _refund_input() -> RefundInput:
 
 
 async def _start(
-    client: Client, fakes: FakeRefundPath, refund: RefundInput
+    client: Client,
+    fakes: FakeRefundPath,
+    refund: RefundInput,
+    task_timeout: timedelta | None = None,
 ) -> tuple[Worker, WorkflowHandle[RefundWorkflow, Refund]]:
     task_queue = f"tq-{uuid.uuid4()}"
     worker = Worker(
         client, task_queue=task_queue, workflows=[RefundWorkflow], activities=fakes.activities()
     )
     handle = await client.start_workflow(
-        RefundWorkflow.run, refund, id=f"refund-{refund.refund_id}", task_queue=task_queue
+        RefundWorkflow.run,
+        refund,
+        id=f"refund-{refund.refund_id}",
+        task_queue=task_queue,
+        task_timeout=task_timeout,
     )
     return worker, handle
 
@@ -231,20 +243,35 @@ async def test_a_provider_refusal_records_a_failed_refund_without_a_webhook(
     assert fakes.webhooks == []
 
 
-async def test_a_refused_reservation_moves_no_money(env: WorkflowEnvironment) -> None:
+async def test_a_refused_reservation_moves_no_money_and_answers_the_attached_request(
+    env: WorkflowEnvironment,
+) -> None:
     # The API reserves before it starts a run; this is the workflow's own guard.
     fakes = FakeRefundPath(refusal=RefundRefusal.AMOUNT_EXCEEDS_REFUNDABLE)
     refund = _refund_input()
-    worker, handle = await _start(env.client, fakes, refund)
+    # A short task timeout: the running local activity holds the workflow task open
+    # until its heartbeat (80 % of it), and only then is the update accepted.
+    worker, handle = await _start(env.client, fakes, refund, task_timeout=timedelta(seconds=2))
     async with worker:
+        # As with the API's update-with-start, the request is attached before the refusal.
+        update = await handle.start_update(
+            AWAIT_REFUND_UPDATE,
+            RefundAttachRequest("first-request", refund.request_fingerprint),
+            wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+            result_type=RefundAttachResult,
+        )
+        fakes.open_gate.set()
+        with pytest.raises(WorkflowUpdateFailedError) as refused:
+            await update.result()
         with pytest.raises(WorkflowFailureError) as failed:
             await handle.result()
 
-    cause = failed.value.cause
-    assert isinstance(cause, ApplicationError)
-    assert cause.type == REFUND_REFUSED_ERROR
-    assert cause.details[0]["refusal"] == "amount_exceeds_refundable"
-    assert cause.details[0]["amount_refundable"] == 150
+    for cause in (refused.value.cause, failed.value.cause):
+        assert isinstance(cause, ApplicationError)
+        assert cause.type == REFUND_REFUSED_ERROR
+        assert cause.message == "the refund was refused", "the workflow's answer, not a crash"
+        assert cause.details[0]["refusal"] == "amount_exceeds_refundable"
+        assert cause.details[0]["amount_refundable"] == 150
     assert fakes.provider_attempts == 0
     assert fakes.recorded == []
 
