@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     provider_api_key: SecretStr = SecretStr(DEV_PROVIDER_API_KEY)
     provider_timeout_seconds: float = 10.0
 
+    # Processes per host (make run, the benchmark, the image's API command); in
+    # Kubernetes scale by replicas instead and keep these at 1.
+    api_processes: int = Field(default=1, ge=1)
+    worker_processes: int = Field(default=1, ge=1)
+
     # API behaviour
     api_wait_seconds: float = Field(default=5.0, ge=0, le=60)
     api_key_cache_seconds: float = 30.0

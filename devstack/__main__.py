@@ -11,6 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
+from config.settings import Settings
 from devstack.ports import port_in_use
 from devstack.processes import ServiceFailed
 from devstack.stack import REPO_ROOT, Stack, StackConfig, StackPorts
@@ -29,6 +30,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--provider-port", type=int, default=defaults.provider)
     run.add_argument("--webhooks-port", type=int, default=defaults.webhooks)
     run.add_argument("--postgres-port", type=int, default=defaults.postgres)
+    settings = Settings()
+    run.add_argument("--api-processes", type=int, default=settings.api_processes)
+    run.add_argument("--worker-processes", type=int, default=settings.worker_processes)
     return parser.parse_args(argv)
 
 
@@ -94,7 +98,13 @@ async def _run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, stop.set)
 
     config = StackConfig(
-        data_dir=args.data_dir, host=args.host, ports=ports, echo=True, log_format="console"
+        data_dir=args.data_dir,
+        host=args.host,
+        ports=ports,
+        echo=True,
+        log_format="console",
+        api_processes=args.api_processes,
+        worker_processes=args.worker_processes,
     )
     stack = Stack(config)
     print(f"Starting the stack (data in {config.data_dir}) ...", flush=True)
