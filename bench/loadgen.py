@@ -36,6 +36,7 @@ class Record:
     replayed: bool
     payment_status: str | None
     payment_id: str | None
+    attempt: int = 1  # >1: a retry after a 503 or 429, as a well-behaved client sends
 
 
 @dataclass
@@ -59,13 +60,14 @@ async def _drive(
     concurrency: int,
     progress: Any,
     slot: int,
+    retries: int = 3,
 ) -> GeneratorResult:
     result = GeneratorResult()
-    queue: asyncio.Queue[tuple[KeyPlan, Kind] | None] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[KeyPlan, Kind, int] | None] = asyncio.Queue()
     for key in plan.keys:
-        queue.put_nowait((key, Kind.FIRST))
+        queue.put_nowait((key, Kind.FIRST, 1))
         for _ in range(key.in_flight_dups):
-            queue.put_nowait((key, Kind.DUP_IN_FLIGHT))
+            queue.put_nowait((key, Kind.DUP_IN_FLIGHT, 1))
     total = plan.requests
     finished = 0
     base = slot * SLOTS
@@ -76,14 +78,22 @@ async def _drive(
     ]
     hostport = f"{host}:{port}"
 
-    async def one(key: KeyPlan, kind: Kind, conn: Connection) -> None:
+    async def retry_later(key: KeyPlan, kind: Kind, attempt: int, after: float) -> None:
+        await asyncio.sleep(after)
+        queue.put_nowait((key, kind, attempt))
+
+    pending: set[asyncio.Task[None]] = set()
+
+    async def one(key: KeyPlan, kind: Kind, attempt: int, conn: Connection) -> None:
         nonlocal finished
         headers = {**headers_by_client[key.client], "Idempotency-Key": key.key}
         raw = build_request("POST", hostport, "/v1/payments", headers, key.body)
-        progress[base + SENT] += 1
+        if attempt == 1:
+            progress[base + SENT] += 1
         sent_at = time.time()
         started = time.perf_counter()
         status, replayed, payment_status, payment_id = 0, False, None, None
+        retry_after = 1.0
         try:
             response = await conn.request(raw)
             status = response.status
@@ -91,8 +101,10 @@ async def _drive(
             if status in (200, 201, 202):
                 body = json.loads(response.body)
                 payment_status, payment_id = body.get("status"), body.get("id")
-            elif len(result.error_samples) < 5:
-                result.error_samples.append(f"{status} {response.body[:300]!r}")
+            else:
+                retry_after = float(response.headers.get("retry-after", "1") or 1)
+                if len(result.error_samples) < 5:
+                    result.error_samples.append(f"{status} {response.body[:300]!r}")
         except HttpError as err:
             if len(result.error_samples) < 5:
                 result.error_samples.append(f"connection: {err}")
@@ -101,11 +113,17 @@ async def _drive(
             progress[base + ERRORS] += 1
         result.records.append(
             Record(key.index, str(kind), status, latency, sent_at, replayed,
-                   payment_status, payment_id)
+                   payment_status, payment_id, attempt)
         )  # fmt: skip
+        if status in (0, 429, 503) and attempt <= retries:
+            # The same key again, later: the API says that is safe. Not yet finished.
+            task = asyncio.create_task(retry_later(key, kind, attempt + 1, retry_after))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            return
         if kind is Kind.FIRST:
             for _ in range(key.after_dups):
-                queue.put_nowait((key, Kind.DUP_AFTER))
+                queue.put_nowait((key, Kind.DUP_AFTER, 1))
         progress[base + DONE] += 1
         finished += 1
         if finished == total:
@@ -135,9 +153,12 @@ def generator_main(
     progress: Any,
     slot: int,
     results: Any,
+    retries: int,
 ) -> None:
     """Process entry point (spawned): drive the shard, hand back records and own CPU."""
-    result = asyncio.run(_drive(plan, credentials, host, port, concurrency, progress, slot))
+    result = asyncio.run(
+        _drive(plan, credentials, host, port, concurrency, progress, slot, retries)
+    )
     result.cpu_seconds = _cpu_seconds()
     results.put((slot, result))
     results.close()

@@ -15,6 +15,7 @@ import psutil
 import psycopg
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 
 # -- processes -----------------------------------------------------------------------
 
@@ -309,6 +310,7 @@ ACTIONS_METHOD = (
 @dataclass
 class HistoryStats:
     sampled: int = 0
+    not_found: int = 0  # keys whose every request was refused: no run exists
     events_mean: float = 0.0
     events_max: int = 0
     actions_mean: float = 0.0
@@ -340,10 +342,18 @@ async def sample_histories(
     actions: list[int] = []
     tasks: list[int] = []
     types: Counter[str] = Counter()
+    missing = 0
 
     async def one(workflow_id: str) -> None:
+        nonlocal missing
         async with gate:
-            history = await client.get_workflow_handle(workflow_id).fetch_history()
+            try:
+                history = await client.get_workflow_handle(workflow_id).fetch_history()
+            except RPCError as err:
+                if err.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                missing += 1
+                return
         events = list(history.events)
         lengths.append(len(events))
         actions.append(billable_actions(events))
@@ -355,9 +365,10 @@ async def sample_histories(
     await asyncio.gather(*(one(w) for w in workflow_ids))
     n = len(lengths)
     if n == 0:
-        return HistoryStats()
+        return HistoryStats(not_found=missing)
     return HistoryStats(
         sampled=n,
+        not_found=missing,
         events_mean=sum(lengths) / n,
         events_max=max(lengths),
         actions_mean=sum(actions) / n,

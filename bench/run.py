@@ -253,6 +253,9 @@ async def storm(
         "errors_by_status": errors(records),
         "error_samples": [s for g in generator_results for s in g.error_samples][:10],
         "latency_ms": latencies_by_kind(records),
+        "retries_sent": sum(1 for r in records if r.attempt > 1),
+        "keys_never_accepted": len(plan.keys)
+        - len({r.key_index for r in records if r.status in OK_STATUSES}),
         "duplicates_replayed_header": sum(
             1 for r in records if r.kind != Kind.FIRST and r.replayed
         ),
@@ -568,6 +571,8 @@ def summarise(report: dict[str, Any]) -> tuple[str, str]:
          f"{fmt(pps)}  (all in ledger after {storm['duration_seconds']} s)"),
         ("HTTP statuses", json.dumps(storm["http_statuses"])),
         ("errors by status", json.dumps(storm["errors_by_status"]) or "none"),
+        ("retries sent after 503/429 / keys never accepted",
+         f"{storm['retries_sent']} / {storm['keys_never_accepted']}"),
     ]  # fmt: skip
     for kind in ("first", "duplicates", "dup_in_flight", "dup_after"):
         v = lat[kind]
