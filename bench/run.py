@@ -8,6 +8,7 @@ import functools
 import json
 import multiprocessing
 import os
+import queue
 import random
 import shutil
 import sys
@@ -133,7 +134,13 @@ class Progress:
 async def _collect(processes: list[Any], results: Any, count: int) -> list[GeneratorResult]:
     collected: dict[int, GeneratorResult] = {}
     while len(collected) < count:
-        slot, result = await asyncio.to_thread(results.get)
+        try:
+            slot, result = await asyncio.to_thread(results.get, True, 1.0)
+        except queue.Empty:
+            dead = [p.name for p in processes if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"load generator died: {', '.join(dead)}") from None
+            continue
         collected[slot] = result
     for process in processes:
         await asyncio.to_thread(process.join, 30)
@@ -173,6 +180,7 @@ async def storm(
                 progress.array,
                 slot,
                 results,
+                args.retries,
             ),
             name=f"bench-generator-{slot}",
         )
