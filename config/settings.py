@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     temporal_task_queue: str = "payments"
     temporal_tls: bool = False
     temporal_api_key: SecretStr | None = None
+    # mTLS (a self-hosted cluster with client certificates, or Temporal Cloud with
+    # certificates instead of an API key): PEM file paths, mounted from a Secret.
+    temporal_tls_client_cert_path: Path | None = None
+    temporal_tls_client_key_path: Path | None = None
+    temporal_tls_server_ca_cert_path: Path | None = None  # None: the system's roots
+    temporal_tls_server_name: str | None = None
 
     # Payment provider (the sandbox locally; a real adapter in production)
     provider_url: str = "http://127.0.0.1:8100"

@@ -6,6 +6,7 @@ from __future__ import annotations
 from temporalio.client import Client
 
 from config.settings import Settings
+from config.temporal_tls import temporal_tls
 
 
 async def connect_temporal(settings: Settings, *, lazy: bool = False) -> Client:
@@ -13,7 +14,7 @@ async def connect_temporal(settings: Settings, *, lazy: bool = False) -> Client:
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
-        tls=settings.temporal_tls or api_key is not None,
+        tls=temporal_tls(settings, api_key=api_key is not None),
         api_key=api_key,
         lazy=lazy,
     )

@@ -133,12 +133,14 @@ class Stack:
         ]
         self.api = ManagedProcess(
             "api",
-            [sys.executable, "-m", "api", "--host", host, "--port", str(ports.api)]
-            + ["--workers", str(config.api_processes)],
+            [
+                sys.executable, "-m", "api", "--host", host, "--port", str(ports.api),
+                "--workers", str(config.api_processes),
+            ],
             env=self.settings_env(),
             cwd=REPO_ROOT,
             **self._output("api"),
-        )
+        )  # fmt: skip
         self.webhooks = WebhookReceiver(host, ports.webhooks)
 
     # -- addresses -------------------------------------------------------------------
