@@ -83,6 +83,13 @@ async def _drive(
         queue.put_nowait((key, kind, attempt))
 
     pending: set[asyncio.Task[None]] = set()
+    sampled: dict[str, int] = {}
+
+    def sample(kind: str, text: str) -> None:
+        """Two examples of each kind of error are enough to read what went wrong."""
+        if sampled.get(kind, 0) < 2:
+            sampled[kind] = sampled.get(kind, 0) + 1
+            result.error_samples.append(text)
 
     async def one(key: KeyPlan, kind: Kind, attempt: int, conn: Connection) -> None:
         nonlocal finished
@@ -103,11 +110,9 @@ async def _drive(
                 payment_status, payment_id = body.get("status"), body.get("id")
             else:
                 retry_after = float(response.headers.get("retry-after", "1") or 1)
-                if len(result.error_samples) < 5:
-                    result.error_samples.append(f"{status} {response.body[:300]!r}")
+                sample(str(status), f"{status} {response.body[:300]!r}")
         except HttpError as err:
-            if len(result.error_samples) < 5:
-                result.error_samples.append(f"connection: {err}")
+            sample("connection", f"connection: {err}")
         latency = time.perf_counter() - started
         if status not in (200, 201, 202):
             progress[base + ERRORS] += 1

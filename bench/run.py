@@ -525,6 +525,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
               f"{plan.duplicates} duplicates), {args.concurrency} in flight, "
               f"{args.clients} clients", flush=True)  # fmt: skip
         report["storm"] = await storm(target, plan, credentials, args)
+        print(f"  storm figures saved: {write_report(report)}", flush=True)
         await observe.set_provider_faults(target.provider_url, target.provider_api_key, {})
 
         if not args.no_baseline:
@@ -545,6 +546,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 report["baselines"][workflow] = await baseline(
                     target, workflow, args, count, run_id
                 )
+                write_report(report)
         report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         return report
     finally:
