@@ -15,11 +15,14 @@ from temporalio.api.history.v1 import (
     MarkerRecordedEventAttributes,
 )
 
+from bench.__main__ import parse
 from bench.loadgen import SLOTS, _drive
 from bench.observe import billable_actions
 from bench.plan import Credentials, Kind, build_plan
 from bench.rawhttp import Connection, build_request
 from bench.report import latencies_by_kind, percentile
+from bench.run import _faults
+from sandbox_provider.faults import Faults
 
 
 def test_plan_has_the_requested_duplicate_share_spread_over_keys_and_clients() -> None:
@@ -188,3 +191,16 @@ def test_billable_actions_count_attempts_and_one_per_local_activity_task() -> No
     ]
     # start 1 + update 1 + one workflow task of local activities 1 + 3 attempts + upsert 1
     assert billable_actions(events) == 7
+
+
+def test_fault_flags_become_a_fault_set_the_sandbox_accepts() -> None:
+    args = parse(
+        ["--provider-latency-ms", "200", "--provider-5xx", "0.1", "--timeout-after-charge", "0.01"]
+    )
+    faults = Faults(**_faults(args))  # the sandbox refuses unknown fields
+    assert (faults.latency_ms, faults.error_rate, faults.timeout_after_charge_rate) == (
+        200,
+        0.1,
+        0.01,
+    )
+    assert _faults(parse([])) == {}
