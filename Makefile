@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONSTRAINTS := $(wildcard constraints.txt)
 
-.PHONY: run test test-fast lint format clean-data capture-histories
+.PHONY: run test test-fast lint format clean-data capture-histories bench
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (found " + sys.version.split()[0] + "); set PYTHON=python3.11")'
@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 run: $(STAMP)
 	@$(PY) -m devstack run
+
+# The storm benchmark: prints figures, writes .data/bench/report-*.json.
+# make bench ARGS=--quick (1,000 requests); ARGS="--workers 2"; ARGS=--help
+bench: $(STAMP)
+	@$(PY) -m bench $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -7,19 +7,21 @@ import argparse
 
 import uvicorn
 
+from config.settings import Settings
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m api")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=None, help="PAYMENTS_API_PROCESSES")
     args = parser.parse_args()
     uvicorn.run(
         "api.app:create_app",
         factory=True,
         host=args.host,
         port=args.port,
-        workers=args.workers,
+        workers=args.workers or Settings().api_processes,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,

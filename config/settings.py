@@ -48,11 +48,22 @@ class Settings(BaseSettings):
     temporal_task_queue: str = "payments"
     temporal_tls: bool = False
     temporal_api_key: SecretStr | None = None
+    # mTLS (a self-hosted cluster with client certificates, or Temporal Cloud with
+    # certificates instead of an API key): PEM file paths, mounted from a Secret.
+    temporal_tls_client_cert_path: Path | None = None
+    temporal_tls_client_key_path: Path | None = None
+    temporal_tls_server_ca_cert_path: Path | None = None  # None: the system's roots
+    temporal_tls_server_name: str | None = None
 
     # Payment provider (the sandbox locally; a real adapter in production)
     provider_url: str = "http://127.0.0.1:8100"
     provider_api_key: SecretStr = SecretStr(DEV_PROVIDER_API_KEY)
     provider_timeout_seconds: float = 10.0
+
+    # Processes per host (make run, the benchmark, the image's API command); in
+    # Kubernetes scale by replicas instead and keep these at 1.
+    api_processes: int = Field(default=1, ge=1)
+    worker_processes: int = Field(default=1, ge=1)
 
     # API behaviour
     api_wait_seconds: float = Field(default=5.0, ge=0, le=60)

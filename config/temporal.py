@@ -9,6 +9,7 @@ from temporalio.converter import DataConverter
 
 from config.codec import AesGcmCodec
 from config.settings import Settings
+from config.temporal_tls import temporal_tls
 
 
 def data_converter(settings: Settings) -> DataConverter:
@@ -25,7 +26,7 @@ async def connect_temporal(settings: Settings, *, lazy: bool = False) -> Client:
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
-        tls=settings.temporal_tls or api_key is not None,
+        tls=temporal_tls(settings, api_key=api_key is not None),
         api_key=api_key,
         lazy=lazy,
         data_converter=data_converter(settings),

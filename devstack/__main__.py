@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from config.settings import Settings
 from devstack import histories
 from devstack.ports import port_in_use
 from devstack.processes import ServiceFailed
@@ -36,6 +37,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="drive every payment path and save its histories for the replay test",
     )
     histories.add_arguments(capture)
+    settings = Settings()
+    run.add_argument("--api-processes", type=int, default=settings.api_processes)
+    run.add_argument("--worker-processes", type=int, default=settings.worker_processes)
     return parser.parse_args(argv)
 
 
@@ -107,7 +111,13 @@ async def _run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, stop.set)
 
     config = StackConfig(
-        data_dir=args.data_dir, host=args.host, ports=ports, echo=True, log_format="console"
+        data_dir=args.data_dir,
+        host=args.host,
+        ports=ports,
+        echo=True,
+        log_format="console",
+        api_processes=args.api_processes,
+        worker_processes=args.worker_processes,
     )
     stack = Stack(config)
     print(f"Starting the stack (data in {config.data_dir}) ...", flush=True)

@@ -8,6 +8,7 @@ parts on purpose.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import secrets
@@ -106,6 +107,9 @@ class StackConfig:
     echo: bool = False  # service output prefixed in the terminal, else data_dir/logs/*.log
     log_format: str = "json"
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Scale-out on one host: uvicorn worker processes for the API, worker.py processes.
+    api_processes: int = 1
+    worker_processes: int = 1
 
     @classmethod
     def for_tests(cls, data_dir: Path, *, ui: bool = False) -> StackConfig:
@@ -150,13 +154,20 @@ class Stack:
             **self._output("provider"),
         )  # fmt: skip
         self.worker = self._worker_process()
+        # Beyond the first worker (the one tests stop and restart), for scale-out.
+        self.extra_workers = [
+            self._worker_process(f"worker-{n}") for n in range(2, config.worker_processes + 1)
+        ]
         self.api = ManagedProcess(
             "api",
-            [sys.executable, "-m", "api", "--host", host, "--port", str(ports.api)],
+            [
+                sys.executable, "-m", "api", "--host", host, "--port", str(ports.api),
+                "--workers", str(config.api_processes),
+            ],
             env=self.settings_env(),
             cwd=REPO_ROOT,
             **self._output("api"),
-        )
+        )  # fmt: skip
         self.webhooks = WebhookReceiver(host, ports.webhooks)
 
     # -- addresses -------------------------------------------------------------------
@@ -242,21 +253,26 @@ class Stack:
             return {"log_path": None, "echo": True}
         return {"log_path": self.logs_dir / f"{name}.log", "echo": False}
 
-    def _worker_process(self) -> ManagedProcess:
+    def _worker_process(self, name: str = "worker") -> ManagedProcess:
         ports = self.config.ports
+        first = name == "worker"
         # Free ports chosen just before each start: on a busy machine one stays free briefly.
-        self.worker_sdk_metrics_port = ports.worker_sdk_metrics or free_port()
-        self.worker_metrics_port = ports.worker_metrics or free_port()
+        # Extra workers always take free ones (one host, one port each).
+        sdk_metrics_port = (ports.worker_sdk_metrics if first else None) or free_port()
+        metrics_port = (ports.worker_metrics if first else None) or free_port()
+        if first:
+            self.worker_sdk_metrics_port = sdk_metrics_port
+            self.worker_metrics_port = metrics_port
         return ManagedProcess(
-            "worker",
+            name,
             [sys.executable, "worker.py"],
             env={
                 **self.settings_env(),
-                "PAYMENTS_WORKER_SDK_METRICS_PORT": str(self.worker_sdk_metrics_port),
-                "PAYMENTS_WORKER_METRICS_PORT": str(self.worker_metrics_port),
+                "PAYMENTS_WORKER_SDK_METRICS_PORT": str(sdk_metrics_port),
+                "PAYMENTS_WORKER_METRICS_PORT": str(metrics_port),
             },
             cwd=REPO_ROOT,
-            **self._output("worker"),
+            **self._output(name),
         )
 
     # -- readiness checks ------------------------------------------------------------
@@ -265,10 +281,10 @@ class Stack:
         async with httpx.AsyncClient(timeout=2) as http:
             return (await http.get(url)).status_code == 200
 
-    async def _worker_polling(self) -> bool:
+    async def _worker_polling(self, worker: ManagedProcess | None = None) -> bool:
         """Both the workflow and the activity task queue are polled by *this* worker."""
         client = await self.temporal_client()
-        identity_prefix = f"{self.worker.pid}@"
+        identity_prefix = f"{(worker or self.worker).pid}@"
         for queue_type in (
             TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
             TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
@@ -302,6 +318,13 @@ class Stack:
                 what="answering /healthz",
             )
             await self.start_worker()
+            for extra in self.extra_workers:
+                extra.start()
+                await extra.wait_ready(
+                    functools.partial(self._worker_polling, extra),
+                    within=60,
+                    what="polling the payments task queue",
+                )
             self.api.start()
             self.timings["api"] = await self.api.wait_ready(
                 lambda: self._http_ok(f"{self.api_url}/healthz"),
@@ -323,6 +346,7 @@ class Stack:
             self.temporal.process,
             self.provider,
             self.worker,
+            *self.extra_workers,
             self.api,
         ]
         return [f"{p.name} (exit code {p.returncode})" for p in processes if not p.running]
@@ -367,7 +391,7 @@ class Stack:
     async def stop(self) -> None:
         await self.webhooks.stop()
         await self.api.terminate(grace=15)
-        await self.worker.terminate(grace=30)
+        await asyncio.gather(*(w.terminate(grace=30) for w in [self.worker, *self.extra_workers]))
         await self.provider.terminate(grace=5)
         await self.temporal.stop()
         await self.postgres.stop()

@@ -1,0 +1,2 @@
+"""The storm benchmark: ``make bench`` (``python -m bench``). A command that prints
+figures, never a timed test."""

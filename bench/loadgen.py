@@ -1,0 +1,172 @@
+"""The HTTP load generator: a separate process (several, if asked) per shard of the plan.
+
+Each process keeps ``concurrency`` keep-alive connections, one request in flight on
+each: that is the bound on requests in flight. A first request is followed in the
+queue by its in-flight duplicates (picked up by other connections at once, while the
+first is still being processed); its after-duplicates are queued when its answer
+arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.plan import Credentials, KeyPlan, Kind, Plan
+from bench.rawhttp import Connection, HttpError, build_request
+
+# Slots per generator in the shared progress array.
+SENT, DONE, ERRORS = 0, 1, 2
+SLOTS = 3
+
+
+@dataclass(frozen=True)
+class Record:
+    key_index: int
+    kind: str
+    status: int  # 0: no HTTP answer (connection error)
+    latency: float  # seconds, request written to answer read
+    sent_at: float  # wall clock
+    replayed: bool
+    payment_status: str | None
+    payment_id: str | None
+    attempt: int = 1  # >1: a retry after a 503 or 429, as a well-behaved client sends
+
+
+@dataclass
+class GeneratorResult:
+    records: list[Record] = field(default_factory=list)
+    cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    error_samples: list[str] = field(default_factory=list)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _drive(
+    plan: Plan,
+    credentials: list[Credentials],
+    host: str,
+    port: int,
+    concurrency: int,
+    progress: Any,
+    slot: int,
+    retries: int = 3,
+) -> GeneratorResult:
+    result = GeneratorResult()
+    queue: asyncio.Queue[tuple[KeyPlan, Kind, int] | None] = asyncio.Queue()
+    for key in plan.keys:
+        queue.put_nowait((key, Kind.FIRST, 1))
+        for _ in range(key.in_flight_dups):
+            queue.put_nowait((key, Kind.DUP_IN_FLIGHT, 1))
+    total = plan.requests
+    finished = 0
+    base = slot * SLOTS
+    workers = max(1, min(concurrency, total))
+    headers_by_client = [
+        {"Authorization": f"Bearer {c.api_key}", "Content-Type": "application/json"}
+        for c in credentials
+    ]
+    hostport = f"{host}:{port}"
+
+    async def retry_later(key: KeyPlan, kind: Kind, attempt: int, after: float) -> None:
+        await asyncio.sleep(after)
+        queue.put_nowait((key, kind, attempt))
+
+    pending: set[asyncio.Task[None]] = set()
+    sampled: dict[str, int] = {}
+
+    def sample(kind: str, text: str) -> None:
+        """Two examples of each kind of error are enough to read what went wrong."""
+        if sampled.get(kind, 0) < 2:
+            sampled[kind] = sampled.get(kind, 0) + 1
+            result.error_samples.append(text)
+
+    async def one(key: KeyPlan, kind: Kind, attempt: int, conn: Connection) -> None:
+        nonlocal finished
+        headers = {**headers_by_client[key.client], "Idempotency-Key": key.key}
+        raw = build_request("POST", hostport, "/v1/payments", headers, key.body)
+        if attempt == 1:
+            progress[base + SENT] += 1
+        sent_at = time.time()
+        started = time.perf_counter()
+        status, replayed, payment_status, payment_id = 0, False, None, None
+        retry_after = 1.0
+        try:
+            response = await conn.request(raw)
+            status = response.status
+            replayed = response.headers.get("idempotent-replayed") == "true"
+            if status in (200, 201, 202):
+                body = json.loads(response.body)
+                payment_status, payment_id = body.get("status"), body.get("id")
+            else:
+                retry_after = float(response.headers.get("retry-after", "1") or 1)
+                sample(str(status), f"{status} {response.body[:300]!r}")
+        except HttpError as err:
+            sample("connection", f"connection: {err}")
+        latency = time.perf_counter() - started
+        if status not in (200, 201, 202):
+            progress[base + ERRORS] += 1
+        result.records.append(
+            Record(key.index, str(kind), status, latency, sent_at, replayed,
+                   payment_status, payment_id, attempt)
+        )  # fmt: skip
+        if status in (0, 429, 503) and attempt <= retries:
+            # The same key again, later: the API says that is safe. Not yet finished.
+            task = asyncio.create_task(retry_later(key, kind, attempt + 1, retry_after))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            return
+        if kind is Kind.FIRST:
+            for _ in range(key.after_dups):
+                queue.put_nowait((key, Kind.DUP_AFTER, 1))
+        progress[base + DONE] += 1
+        finished += 1
+        if finished == total:
+            for _ in range(workers):
+                queue.put_nowait(None)
+
+    async def worker() -> None:
+        conn = Connection(host, port)
+        try:
+            while (item := await queue.get()) is not None:
+                await one(*item, conn)
+        finally:
+            await conn.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    result.wall_seconds = time.perf_counter() - started
+    return result
+
+
+def generator_main(
+    plan: Plan,
+    credentials: list[Credentials],
+    host: str,
+    port: int,
+    concurrency: int,
+    progress: Any,
+    slot: int,
+    results: Any,
+    retries: int,
+) -> None:
+    """Process entry point (spawned): drive the shard, hand back records and own CPU."""
+    result = asyncio.run(
+        _drive(plan, credentials, host, port, concurrency, progress, slot, retries)
+    )
+    result.cpu_seconds = _cpu_seconds()
+    results.put((slot, result))
+    results.close()
+    results.join_thread()
+    sys.stdout.flush()
+    os._exit(0)

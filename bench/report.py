@@ -1,0 +1,71 @@
+"""Figures from records: percentiles, error counts, the table and the summary line."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from bench.loadgen import Record
+from bench.plan import Kind
+
+OK_STATUSES = (200, 201, 202)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def latency_ms(records: Iterable[Record]) -> dict[str, Any]:
+    values = [r.latency * 1000 for r in records if r.status in OK_STATUSES]
+    return {
+        "count": len(values),
+        "p50": _round(percentile(values, 50)),
+        "p95": _round(percentile(values, 95)),
+        "p99": _round(percentile(values, 99)),
+        "max": _round(max(values) if values else None),
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def latencies_by_kind(records: list[Record]) -> dict[str, Any]:
+    dups = [r for r in records if r.kind != Kind.FIRST]
+    return {
+        "first": latency_ms(r for r in records if r.kind == Kind.FIRST),
+        "duplicates": latency_ms(dups),
+        "dup_in_flight": latency_ms(r for r in dups if r.kind == Kind.DUP_IN_FLIGHT),
+        "dup_after": latency_ms(r for r in dups if r.kind == Kind.DUP_AFTER),
+    }
+
+
+def statuses(records: Iterable[Record]) -> dict[str, int]:
+    counts = Counter("connection_error" if r.status == 0 else str(r.status) for r in records)
+    return dict(sorted(counts.items()))
+
+
+def errors(records: Iterable[Record]) -> dict[str, int]:
+    return {k: v for k, v in statuses(records).items() if k not in ("200", "201", "202")}
+
+
+def fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}{unit}" if abs(value) < 100 else f"{value:,.0f}{unit}"
+    return f"{value}{unit}"
+
+
+def table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(
+        f"  {name.ljust(width)}  {value}" if value else f"{name}" for name, value in rows
+    )
