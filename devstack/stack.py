@@ -82,6 +82,8 @@ class StackConfig:
     echo: bool = False  # service output prefixed in the terminal, else data_dir/logs/*.log
     log_format: str = "json"
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The worker's alone, over the rest: fault tests route it through a proxy this way.
+    worker_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def for_tests(cls, data_dir: Path, *, ui: bool = False) -> StackConfig:
@@ -98,6 +100,7 @@ class Stack:
         self.logs_dir = data / "logs"
         self.timings: dict[str, float] = {}
         self.demo_client: CreatedClient | None = None
+        self.worker_env = dict(config.worker_env)  # read at each (re)start of the worker
 
         self.postgres = PostgresServer(
             data / "postgres", ports.postgres, host=host, **self._output("postgres")
@@ -175,7 +178,7 @@ class Stack:
         return ManagedProcess(
             "worker",
             [sys.executable, "worker.py"],
-            env=self.settings_env(),
+            env={**self.settings_env(), **self.worker_env},
             cwd=REPO_ROOT,
             **self._output("worker"),
         )
