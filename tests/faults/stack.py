@@ -134,7 +134,9 @@ async def assert_settled(
     """Wait for every accepted payment to end, then check money and books. Their statuses."""
     ids = set(payment_ids)
     assert ids, "no accepted payment to check"
-    statuses = await wait_until(lambda: _terminal(fs, ids), within=within, interval=0.5)
+    settled = await wait_until(lambda: _terminal(fs, ids), within=within, interval=0.5)
+    assert settled is not None
+    statuses: dict[str, str] = settled
 
     listing = await _provider_listing(fs.provider)
     charges_by_key: dict[str, list[dict[str, Any]]] = {}
