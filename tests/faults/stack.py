@@ -18,10 +18,12 @@ from typing import Any
 import httpx
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.client import Client, WorkflowExecutionStatus
 
 from admin.clients import CreatedClient
 from audit import Sources, run_audit
 from devstack.stack import Stack
+from devstack.temporal_server import NAMESPACE
 from ledger.tables import LedgerEntry, PaymentRow
 from tests.helpers.eventually import wait_until
 from tests.helpers.provider import SandboxProvider
@@ -138,6 +140,8 @@ async def assert_settled(
     assert settled is not None
     statuses: dict[str, str] = settled
 
+    await _workflows_completed(fs, ids, within=within)
+
     listing = await _provider_listing(fs.provider)
     charges_by_key: dict[str, list[dict[str, Any]]] = {}
     for charge in listing["charges"]:
@@ -185,6 +189,34 @@ async def assert_settled(
     )
     assert report.clean, report.render()
     return statuses
+
+
+async def _workflows_completed(fs: FaultStack, ids: set[str], *, within: float) -> None:
+    """Each payment's workflow has run to completion (webhook delivered), by describe."""
+    async with fs.sessions() as session:
+        workflow_ids = list(
+            await session.scalars(select(PaymentRow.workflow_id).where(PaymentRow.id.in_(ids)))
+        )
+    client = await Client.connect(fs.stack.temporal_address, namespace=NAMESPACE)
+    limit = asyncio.Semaphore(20)
+    pending = set(workflow_ids)
+
+    async def completed(workflow_id: str) -> bool:
+        async with limit:
+            described = await client.get_workflow_handle(workflow_id).describe()
+        assert described.status in (
+            WorkflowExecutionStatus.RUNNING,
+            WorkflowExecutionStatus.COMPLETED,
+        ), (workflow_id, described.status)
+        return described.status == WorkflowExecutionStatus.COMPLETED
+
+    async def all_completed() -> bool:
+        waiting = sorted(pending)
+        done = await asyncio.gather(*map(completed, waiting))
+        pending.difference_update(w for w, ok in zip(waiting, done, strict=True) if ok)
+        return not pending
+
+    await wait_until(all_completed, within=within, interval=0.5)
 
 
 async def _provider_listing(provider: SandboxProvider) -> dict[str, Any]:
