@@ -54,13 +54,17 @@ class FaultStack:
         )
 
     async def pay(
-        self, key: str | None = None, payload: dict[str, Any] | None = None
+        self,
+        key: str | None = None,
+        payload: dict[str, Any] | None = None,
+        *,
+        api_key: str | None = None,
     ) -> httpx.Response:
         return await self.http.post(
             "/v1/payments",
             json=payload or body(),
             headers={
-                "Authorization": f"Bearer {self.client.api_key}",
+                "Authorization": f"Bearer {api_key or self.client.api_key}",
                 "Idempotency-Key": key or str(uuid.uuid4()),
             },
         )
@@ -100,7 +104,7 @@ class FaultStack:
     async def heal(self) -> None:
         """Undo whatever a test left broken, so the next one starts from a working stack."""
         stack = self.stack
-        await self.provider.clear_faults()
+        stack.webhooks.respond_with = 204
         if not stack.postgres.process.running:
             await stack.postgres.start()
         if not stack.temporal.process.running:
@@ -111,6 +115,7 @@ class FaultStack:
         if not stack.api.running:
             stack.api.start()
             await stack.api.wait_ready(self._api_healthy, within=30, what="answering /healthz")
+        await self.provider.clear_faults()
 
     async def _api_healthy(self) -> bool:
         async with httpx.AsyncClient(timeout=2) as http:
