@@ -24,6 +24,7 @@ from admin.clients import CreatedClient
 from audit import Sources, run_audit
 from devstack.stack import Stack
 from devstack.temporal_server import NAMESPACE
+from domain.payments import payment_id_for
 from ledger.tables import LedgerEntry, PaymentRow
 from tests.helpers.eventually import wait_until
 from tests.helpers.provider import SandboxProvider
@@ -96,6 +97,9 @@ class FaultStack:
     async def charge_requests(self, payment_id: str) -> int:
         count: int = (await self.provider.stats())["charge_requests_by_key"].get(payment_id, 0)
         return count
+
+    async def charge_requests_for_key(self, key: str) -> int:
+        return await self.charge_requests(payment_id_for(self.client.client_id, key))
 
     async def charges(self, payment_id: str) -> int:
         count: int = (await self.provider.stats())["charges_by_key"].get(payment_id, 0)
