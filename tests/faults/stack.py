@@ -145,11 +145,14 @@ async def assert_settled(
     """Wait for every accepted payment to end, then check money and books. Their statuses."""
     ids = set(payment_ids)
     assert ids, "no accepted payment to check"
+    started = time.monotonic()
     settled = await wait_until(lambda: _terminal(fs, ids), within=within, interval=0.5)
     assert settled is not None
     statuses: dict[str, str] = settled
 
+    ledger_done = time.monotonic() - started
     await _workflows_completed(fs, ids, within=within)
+    workflows_done = time.monotonic() - started
 
     listing = await _provider_listing(fs.provider)
     charges_by_key: dict[str, list[dict[str, Any]]] = {}
@@ -197,6 +200,11 @@ async def assert_settled(
         stuck_after=STUCK_AFTER,
     )
     assert report.clean, report.render()
+    print(
+        f"\n[settled {len(ids)}: ledger terminal after {ledger_done:.1f} s, workflows "
+        f"completed after {workflows_done:.1f} s, checked and audited after "
+        f"{time.monotonic() - started:.1f} s]"
+    )
     return statuses
 
 
