@@ -122,6 +122,7 @@ async def test_worker_sigterm_under_load_drains_and_a_new_worker_finishes_the_re
         return sum(1 for i in ids if i in requested) >= 20
 
     await wait_until(charging, within=30)
+    at_provider = set((await faults.provider.stats())["charge_requests_by_key"]) & set(ids)
     stopping = time.monotonic()
     await stack.worker.terminate(grace=30, signum=signal.SIGTERM)
     drained_in = time.monotonic() - stopping
@@ -134,3 +135,7 @@ async def test_worker_sigterm_under_load_drains_and_a_new_worker_finishes_the_re
     assert sorted(await asyncio.gather(*accepting)) == sorted(ids)
     settled = await assert_settled(faults, ids, within=120)
     assert set(settled.values()) == {"succeeded"}
+    # The charges in flight at SIGTERM finished inside the drain and were reported:
+    # none timed out into a second attempt.
+    requests = (await faults.provider.stats())["charge_requests_by_key"]
+    assert {i: requests[i] for i in at_provider} == dict.fromkeys(at_provider, 1)
