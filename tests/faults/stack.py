@@ -71,13 +71,18 @@ class FaultStack:
         )
 
     async def pay_until_accepted(
-        self, key: str, payload: dict[str, Any] | None = None, *, within: float = 120
+        self,
+        key: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        within: float = 120,
+        api_key: str | None = None,
     ) -> str:
         """As a client should: retry with the same key until the API accepts; the payment id."""
         deadline = time.monotonic() + within
         while True:
             try:
-                response = await self.pay(key, payload)
+                response = await self.pay(key, payload, api_key=api_key)
                 if response.status_code in (201, 202):
                     payment_id: str = response.json()["id"]
                     return payment_id

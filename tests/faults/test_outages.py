@@ -34,7 +34,11 @@ async def test_temporal_killed_and_restarted_mid_run_loses_and_doubles_nothing(
     keys = [str(uuid.uuid4()) for _ in range(IN_FLIGHT)]
     ids = [payment_id_for(faults.client.client_id, key) for key in keys]
     first = await asyncio.gather(*(faults.pay(key) for key in keys))
-    assert {r.status_code for r in first} == {202}, [r.text for r in first][:2]
+    # 202 as a rule; a 503 (the API's bounded look at Temporal ran out on a loaded
+    # machine) is retried with its key after the restart like any client would.
+    codes = [r.status_code for r in first]
+    assert set(codes) <= {202, 503}, [r.text for r in first][:2]
+    assert 202 in codes
 
     await stack.temporal.kill()
     down_at = time.monotonic()
@@ -55,7 +59,9 @@ async def test_temporal_killed_and_restarted_mid_run_loses_and_doubles_nothing(
     await stack.temporal.start()
     await faults.provider.clear_faults()
 
-    ids.append(await faults.pay_until_accepted(late_key))
+    accepted = await asyncio.gather(*(faults.pay_until_accepted(k) for k in [*keys, late_key]))
+    assert accepted[:-1] == ids
+    ids.append(accepted[-1])
     settled = await assert_settled(faults, ids, within=180)
     assert set(settled.values()) == {"succeeded"}
 

@@ -46,14 +46,11 @@ async def _charge_attempts_in_history(fs: FaultStack, key: str) -> list[int]:
 async def test_provider_500_500_200_charges_once_after_three_attempts(faults: FaultStack) -> None:
     await faults.provider.set_faults(fail_next=2)
     key = str(uuid.uuid4())
-    response = await faults.pay(key)
-    assert response.status_code == 201, response.text
-    payment = response.json()
-    assert payment["status"] == "succeeded"
+    payment_id = await faults.pay_until_accepted(key)
 
-    assert await faults.charge_requests(payment["id"]) == 3
+    assert await assert_settled(faults, [payment_id]) == {payment_id: "succeeded"}
+    assert await faults.charge_requests(payment_id) == 3
     assert await _charge_attempts_in_history(faults, key) == [3]
-    await assert_settled(faults, [payment["id"]])
 
 
 @pytest.mark.slow
@@ -75,14 +72,11 @@ async def test_provider_charges_then_times_out_and_the_retry_finds_the_charge(
 async def test_provider_slow_within_the_timeout_is_one_attempt(faults: FaultStack) -> None:
     await faults.provider.set_faults(latency_ms=2500)
     key = str(uuid.uuid4())
-    response = await faults.pay(key)
-    assert response.status_code == 201, response.text
-    payment_id = response.json()["id"]
-    assert response.json()["status"] == "succeeded"
+    payment_id = await faults.pay_until_accepted(key)
 
+    assert await assert_settled(faults, [payment_id]) == {payment_id: "succeeded"}
     assert await faults.charge_requests(payment_id) == 1
     assert await _charge_attempts_in_history(faults, key) == [1]
-    await assert_settled(faults, [payment_id])
 
 
 @pytest.mark.slow
@@ -109,11 +103,8 @@ async def test_malformed_answer_after_charging_is_resolved_without_a_second_char
 ) -> None:
     await faults.provider.set_faults(malformed_after_charge_next=1)
     key = str(uuid.uuid4())
-    response = await faults.pay(key)
-    assert response.status_code == 201, response.text
-    payment = response.json()
-    assert payment["status"] == "succeeded"
+    payment_id = await faults.pay_until_accepted(key)
 
-    assert await faults.charges(payment["id"]) == 1
-    assert await faults.charge_requests(payment["id"]) == 2
-    await assert_settled(faults, [payment["id"]])
+    assert await assert_settled(faults, [payment_id]) == {payment_id: "succeeded"}
+    assert await faults.charges(payment_id) == 1
+    assert await faults.charge_requests(payment_id) == 2

@@ -6,6 +6,7 @@ tests/workflows (test_webhook_failing_for_hours_never_fails_the_payment)."""
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 from standardwebhooks import Webhook
@@ -31,17 +32,19 @@ async def test_webhook_endpoint_down_then_up_gets_the_event_once_signed_same_id(
         )
         receiver.secrets.append(client.webhook_secret)
 
-        response = await faults.pay(api_key=client.api_key)
-        # The payment never waits for its webhook.
-        assert response.status_code == 201, response.text
-        payment = response.json()
-        assert payment["status"] == "succeeded"
+        payment_id = await faults.pay_until_accepted(str(uuid.uuid4()), api_key=client.api_key)
+
+        # The payment never waits for its webhook: it succeeds while the endpoint is down.
+        async def succeeded() -> bool:
+            return await faults.ledger_status(payment_id) == "succeeded"
+
+        await wait_until(succeeded, within=30)
 
         def for_payment() -> list[dict[str, str]]:
             return [
                 w.headers
                 for w in receiver.received
-                if json.loads(w.body)["data"]["id"] == payment["id"]
+                if json.loads(w.body)["data"]["id"] == payment_id
             ]
 
         await wait_until(lambda: proxy.connections_accepted >= 1, within=15)
@@ -51,8 +54,8 @@ async def test_webhook_endpoint_down_then_up_gets_the_event_once_signed_same_id(
         receiver.respond_with = 204
         await wait_until(lambda: len(for_payment()) >= 2, within=60)
 
-    await assert_settled(faults, [payment["id"]])  # the workflow, webhook included, is done
-    attempts = [w for w in receiver.received if json.loads(w.body)["data"]["id"] == payment["id"]]
+    await assert_settled(faults, [payment_id])  # the workflow, webhook included, is done
+    attempts = [w for w in receiver.received if json.loads(w.body)["data"]["id"] == payment_id]
     # One answered 503, one accepted; nothing sent after the accepted one.
     assert len(attempts) == 2
     assert len({w.headers["webhook-id"] for w in attempts}) == 1
@@ -60,4 +63,4 @@ async def test_webhook_endpoint_down_then_up_gets_the_event_once_signed_same_id(
     delivered = attempts[-1]
     event = Webhook(client.webhook_secret).verify(delivered.body, delivered.headers)
     assert event["type"] == "payment.succeeded"
-    assert event["data"]["id"] == payment["id"]
+    assert event["data"]["id"] == payment_id
