@@ -110,6 +110,8 @@ class StackConfig:
     # Scale-out on one host: uvicorn worker processes for the API, worker.py processes.
     api_processes: int = 1
     worker_processes: int = 1
+    # The worker's alone, over the rest: fault tests route it through a proxy this way.
+    worker_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def for_tests(cls, data_dir: Path, *, ui: bool = False) -> StackConfig:
@@ -128,6 +130,7 @@ class Stack:
         self.timings: dict[str, float] = {}
         self.demo_client: CreatedClient | None = None
         self.dev_secrets = _dev_secrets(data)
+        self.worker_env = dict(config.worker_env)  # read at each (re)start of the worker
 
         self.postgres = PostgresServer(
             data / "postgres", ports.postgres, host=host, **self._output("postgres")
@@ -270,6 +273,7 @@ class Stack:
                 **self.settings_env(),
                 "PAYMENTS_WORKER_SDK_METRICS_PORT": str(sdk_metrics_port),
                 "PAYMENTS_WORKER_METRICS_PORT": str(metrics_port),
+                **self.worker_env,
             },
             cwd=REPO_ROOT,
             **self._output(name),

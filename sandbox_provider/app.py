@@ -288,6 +288,15 @@ def create_app(db_path: str | None, api_key: str, seed: int | None = None) -> Fa
     async def stats() -> dict[str, Any]:
         return store.stats()
 
+    @sandbox.get("/ledger")
+    async def ledger() -> dict[str, Any]:
+        """Every charge and refund (read-only): what ``python -m audit`` reconciles."""
+        charges, refunds = store.listing()
+        return {
+            "charges": [charge.to_api() for charge in charges],
+            "refunds": [refund.to_api() for refund in refunds],
+        }
+
     @sandbox.get("/faults")
     async def get_faults() -> Faults:
         return faults.config

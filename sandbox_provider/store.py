@@ -265,6 +265,18 @@ class SandboxStore:
             "total_charged_amount": sum(amount for _, _, amount in charges),
         }
 
+    def listing(self) -> tuple[list[Charge], list[Refund]]:
+        """Every charge and refund, for the audit's reconciliation."""
+        with self._lock:
+            charges = self._db.execute(
+                f"SELECT {_CHARGE_COLUMNS} FROM charges ORDER BY created, id"  # noqa: S608
+            ).fetchall()
+            refunds = self._db.execute(
+                "SELECT id, charge_id, idempotency_key, amount, currency, status, created "
+                "FROM refunds ORDER BY created, id"
+            ).fetchall()
+        return [Charge(*row) for row in charges], [Refund(*row) for row in refunds]
+
     def reset(self) -> None:
         with self._lock:
             self._db.executescript(

@@ -62,4 +62,12 @@ async def test_two_api_and_two_worker_processes_serve_payments(tmp_path: Path) -
     finally:
         await stack.stop()
     assert not any(process.running for process in [*workers, stack.api])
-    assert not [child.pid for child in api_children if child.is_running()]
+
+    def alive(child: psutil.Process) -> bool:
+        # An exited child is a zombie until init reaps it: psutil still calls it running.
+        try:
+            return child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    assert not [child.pid for child in api_children if alive(child)]

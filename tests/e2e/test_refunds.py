@@ -12,6 +12,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from admin.clients import add_client
+from audit import Sources, run_audit
 from domain.payments import payment_id_for
 from tests.helpers.e2e import E2EStack, wait_until
 
@@ -112,6 +113,18 @@ async def test_twenty_concurrent_refunds_never_exceed_the_charge(stack: E2EStack
     assert read_back["amount_refunded"] == refunded
     assert read_back["amount_refundable"] == CHARGE - refunded
     assert sorted(r["id"] for r in read_back["refunds"]) == sorted(w["id"] for w in winners)
+
+    # The audit reconciles refunds too: provider refunds per charge against the ledger.
+    report = await run_audit(
+        Sources(
+            database_url=stack.stack.database_url,
+            provider_url=stack.stack.provider_url,
+            provider_api_key=stack.provider.api_key,
+            temporal_address=stack.temporal_address,
+        )
+    )
+    assert report.clean, report.render()
+    assert len(report.snapshot.refunds) >= len(winners)
 
 
 async def test_a_duplicated_refund_key_makes_one_provider_refund(stack: E2EStack) -> None:
