@@ -13,6 +13,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_JSON = "application/problem+json"
@@ -168,6 +170,11 @@ def install_problem_handlers(app: FastAPI) -> None:
         )
         return problem_response(problem, request.url.path)
 
+    async def on_database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # No pooled connection within the pool timeout (a storm), or the database gone
+        # mid-request: both pass, so a retry with the same key is the right answer.
+        return problem_response(database_unavailable(), request.url.path)
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         problem = Problem(500, "internal-error", "Internal error", "An unexpected error occurred.")
         return problem_response(problem, request.url.path)
@@ -175,6 +182,8 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Problem, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http_exception)
+    app.add_exception_handler(PoolTimeoutError, on_database_unavailable)
+    app.add_exception_handler(DBAPIError, on_database_unavailable)
     app.add_exception_handler(Exception, on_unexpected)
 
 

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     )
     database_pool_size: int = 10
     database_max_overflow: int = 10
+    # How long a request waits for a pooled connection before answering 503 (SQLAlchemy's
+    # default is 30 s, far past the API's own bounded wait).
+    database_pool_timeout_seconds: float = Field(default=5.0, gt=0)
 
     # Temporal
     temporal_address: str = "127.0.0.1:7233"

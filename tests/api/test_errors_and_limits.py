@@ -293,3 +293,34 @@ async def test_strings_postgresql_cannot_store_are_refused_not_a_503(
     _assert_problem(by_id, 404, "payment-not-found")
     _assert_problem(cursor, 400, "validation-error")
     assert surrogate.status_code == 400, surrogate.text
+
+
+async def test_an_exhausted_connection_pool_is_503_not_500(
+    database_url: str,
+    new_client: Callable[..., Any],
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    """A storm that takes every pooled connection: a request that cannot get one within
+    the pool timeout is told to retry (503), not handed a 500."""
+    client = await new_client()
+    payment_id = await store_payment(sessions, client.client_id)
+    app = create_app(api_settings(database_url))
+    tiny = create_engine(
+        Settings(
+            database_url=database_url,
+            database_pool_size=1,
+            database_max_overflow=0,
+            database_pool_timeout_seconds=0.2,
+        )
+    )
+    async with running_api(app) as http:
+        assert (await http.get("/v1/payments", headers=bearer(client.api_key))).status_code == 200
+        temporal = await connect_temporal(api_settings(database_url), lazy=True)
+        app.state.payments = PaymentService(session_factory(tiny), temporal, "payments")
+        async with tiny.connect():  # the pool's only connection, held by "another request"
+            read = await http.get(f"/v1/payments/{payment_id}", headers=bearer(client.api_key))
+        after = await http.get(f"/v1/payments/{payment_id}", headers=bearer(client.api_key))
+    await tiny.dispose()
+    _assert_problem(read, 503, "service-unavailable")
+    assert int(read.headers["Retry-After"]) > 0
+    assert after.status_code == 200
