@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -199,8 +199,18 @@ class PaymentService:
                 )
         except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
             # Out of patience (the SDK reports a cancelled call as the latter). A 202
-            # promises the payment exists, so say it only once Temporal confirms the run;
-            # otherwise a retry with the same key is the safe answer.
+            # promises the payment exists. A ledger row proves it (only a confirmed run
+            # opens one) and names the original request: no need to ask Temporal, which
+            # is busiest exactly when waits run out.
+            opened = await self._stored(client_id, key)
+            if opened is not None and opened.origin_request_id is not None:
+                if opened.request_fingerprint != fingerprint:
+                    raise idempotency_key_reused() from None
+                return PaymentAnswer(
+                    opened.payment, replayed=opened.origin_request_id != request_id
+                )
+            # Otherwise only Temporal can confirm the run; if it cannot, a retry with the
+            # same key is the safe answer.
             origin = await self._run_origin(workflow_id)
             if origin is None:
                 raise temporal_unavailable() from None
@@ -209,8 +219,10 @@ class PaymentService:
                 raise idempotency_key_reused() from None
             # Only the request whose start created the run is the original, even if the
             # payment finished while we were waiting.
+            # The row names the run's original request, whichever request opens it.
             return await self._current_answer(
-                payment_input, replayed=origin.request_id != request_id
+                replace(payment_input, origin_request_id=origin.request_id),
+                replayed=origin.request_id != request_id,
             )
         except WorkflowUpdateFailedError as exc:
             cause = exc.cause

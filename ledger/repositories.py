@@ -47,6 +47,8 @@ def client_payable_account(client_id: str) -> str:
 class StoredPayment:
     payment: Payment
     request_fingerprint: str
+    # The API request whose start created the run (None on rows older than the column).
+    origin_request_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,9 @@ class PaymentRepository:
         )
         if row is None:
             return None
-        return StoredPayment(await self._with_refunds(row), row.request_fingerprint)
+        return StoredPayment(
+            await self._with_refunds(row), row.request_fingerprint, row.origin_request_id
+        )
 
     async def get(self, client_id: str, payment_id: str) -> Payment | None:
         row = await self._session.scalar(
@@ -189,6 +193,7 @@ class PaymentRepository:
                 client_id=payment.client_id,
                 idempotency_key=payment.idempotency_key,
                 request_fingerprint=payment.request_fingerprint,
+                origin_request_id=payment.origin_request_id or None,
                 amount=request.amount,
                 currency=request.currency,
                 payment_method=request.payment_method,

@@ -65,6 +65,7 @@ class PaymentRow(Base):
     client_id: Mapped[str] = mapped_column(ForeignKey("api_clients.id"))
     idempotency_key: Mapped[str] = mapped_column(String(255))
     request_fingerprint: Mapped[str] = mapped_column(String(64))
+    origin_request_id: Mapped[str | None] = mapped_column(String(64))
     amount: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(3))
     payment_method: Mapped[str] = mapped_column(String(255))
