@@ -28,6 +28,7 @@ from config.logging import (
 from config.settings import Settings
 from config.temporal import connect_temporal
 from ledger.db import create_engine, session_factory
+from ledger.outcomes import OutcomeListener
 
 log = structlog.get_logger("api")
 
@@ -44,11 +45,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         temporal = await connect_temporal(settings, lazy=True)
         app.state.settings = settings
         app.state.authenticator = ApiKeyAuthenticator(sessions, settings.api_key_cache_seconds)
-        app.state.payments = PaymentService(sessions, temporal, settings.temporal_task_queue)
+        outcomes = OutcomeListener(settings.database_url)
+        await outcomes.start()
+        app.state.payments = PaymentService(
+            sessions, temporal, settings.temporal_task_queue, outcomes=outcomes
+        )
         app.state.rate_limiter = RateLimiter(
             settings.api_rate_limit_per_second, settings.api_rate_limit_burst
         )
         yield
+        await outcomes.stop()
         await engine.dispose()
 
     app = FastAPI(

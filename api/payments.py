@@ -8,6 +8,7 @@ either starts the run or attaches to the running one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -48,6 +49,7 @@ from domain.payments import (
     payment_id_for,
     payment_workflow_id,
 )
+from ledger.outcomes import OutcomeListener
 from ledger.repositories import PaymentPage, PaymentRepository, StoredPayment
 from workflows.payment import AWAIT_OUTCOME_UPDATE, PaymentWorkflow
 
@@ -65,6 +67,9 @@ ORIGIN_REQUEST_MEMO = "origin_request_id"
 ORIGIN_FINGERPRINT_MEMO = "request_fingerprint"
 # Asked after the wait ran out: a server that does not answer this fast is down for us.
 DESCRIBE_TIMEOUT = timedelta(seconds=2)
+# A duplicate waiting on the ledger re-reads it this often even without a notification
+# (one missed while the listener reconnects).
+LEDGER_POLL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -86,10 +91,13 @@ class PaymentService:
         sessions: async_sessionmaker[AsyncSession],
         temporal: Client,
         task_queue: str,
+        *,
+        outcomes: OutcomeListener | None = None,
     ) -> None:
         self._sessions = sessions
         self._temporal = temporal
         self._task_queue = task_queue
+        self._outcomes = outcomes
 
     async def _stored(self, client_id: str, key: str) -> StoredPayment | None:
         try:
@@ -140,6 +148,10 @@ class PaymentService:
             if stored.payment.status.is_terminal:
                 # The ledger knows the answer: no need to involve Temporal at all.
                 return PaymentAnswer(stored.payment, replayed=True)
+            if self._outcomes is not None:
+                # The row exists only once Temporal has the run: wait on the ledger,
+                # so a duplicate adds nothing to the run's history.
+                return await self._await_recorded(client_id, key, stored, wait_seconds)
 
         request_id = uuid.uuid4().hex
         workflow_id = payment_workflow_id(client_id, key)
@@ -225,6 +237,26 @@ class PaymentService:
                 raise temporal_unavailable() from exc
             raise
         return PaymentAnswer(result.payment, replayed=result.replayed or stored is not None)
+
+    async def _await_recorded(
+        self, client_id: str, key: str, stored: StoredPayment, wait_seconds: float
+    ) -> PaymentAnswer:
+        """A duplicate of a running payment: its outcome once recorded, or, when the
+        wait runs out, the payment as it stands (202)."""
+        assert self._outcomes is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_seconds
+        async with self._outcomes.subscription(stored.payment.id) as recorded:
+            while True:
+                # Read after subscribing: an outcome committed in between is not missed.
+                current = await self._stored(client_id, key) or stored
+                remaining = deadline - loop.time()
+                if current.payment.status.is_terminal or remaining <= 0:
+                    return PaymentAnswer(current.payment, replayed=True)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(remaining, LEDGER_POLL_SECONDS)):
+                        await recorded.wait()
+                recorded.clear()
 
     async def _run_origin(self, workflow_id: str) -> AttachRequest | None:
         """The request that started the run, or None if Temporal has no such run."""

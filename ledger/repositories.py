@@ -16,6 +16,7 @@ from domain.payments import (
     RecordOutcomeInput,
     payment_workflow_id,
 )
+from ledger.outcomes import OUTCOME_CHANNEL
 from ledger.tables import ApiClient, ApiKey, LedgerEntry, PaymentRow, PreviousWebhookSecret
 
 PROVIDER_RECEIVABLE_ACCOUNT = "provider:receivable"
@@ -179,6 +180,8 @@ class PaymentRepository:
                 updated_at=func.now(),
             )
         )
+        # Delivered at commit only: wakes the API requests waiting on this payment.
+        await self._session.execute(select(func.pg_notify(OUTCOME_CHANNEL, row.id)))
         if outcome.status is PaymentStatus.SUCCEEDED:
             await self._session.execute(
                 insert(LedgerEntry).values(

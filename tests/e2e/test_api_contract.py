@@ -129,6 +129,18 @@ async def test_row_in_flight_duplicates_attach_and_wait_for_the_same_outcome(
         assert duplicate.json() == original.json()
     assert original.json()["status"] == "succeeded"
     assert (await stack.provider_stats())["charges_by_key"][original.json()["id"]] == 1
+    # The duplicates waited on the ledger, not on the run: its history holds the
+    # original request's update only, so duplicates cost the engine nothing.
+    temporal = await stack.stack.temporal_client()
+    history = await temporal.get_workflow_handle(
+        payment_workflow_id(stack.client.client_id, key)
+    ).fetch_history()
+    accepted = [
+        e
+        for e in history.events
+        if e.HasField("workflow_execution_update_accepted_event_attributes")
+    ]
+    assert len(accepted) == 1
 
 
 async def test_row_replay_after_temporal_forgot_the_run_answers_from_the_ledger(

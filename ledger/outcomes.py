@@ -1,0 +1,92 @@
+"""Outcome notifications: the ledger tells waiting API requests that a payment ended.
+
+A duplicate of a payment that is still running has nothing to ask Temporal: the
+ledger row proves the run exists, and the row's next change is the answer. So the
+transaction that records an outcome also sends ``NOTIFY payment_outcomes`` (delivered
+at commit, never for a rolled-back write), and each API process keeps one
+``LISTEN`` connection that wakes the requests waiting for that payment. Duplicates
+then add no update, no workflow task and no history event to the run.
+
+Notifications are a shortcut, not the source of truth: a waiter re-reads the row
+when woken, and also every ``poll_interval`` in case a notification was missed
+(the listener reconnecting after a PostgreSQL restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import AsyncIterator
+
+import psycopg
+import structlog
+
+OUTCOME_CHANNEL = "payment_outcomes"
+
+log = structlog.get_logger(__name__)
+
+
+def libpq_url(database_url: str) -> str:
+    """The URL psycopg itself takes (SQLAlchemy's driver suffix removed)."""
+    for prefix in ("postgresql+psycopg://", "postgres://"):
+        if database_url.startswith(prefix):
+            return "postgresql://" + database_url[len(prefix) :]
+    return database_url
+
+
+class OutcomeListener:
+    """One LISTEN connection per process, fanned out to the requests that wait."""
+
+    def __init__(self, database_url: str, *, reconnect_delay: float = 1.0) -> None:
+        self._conninfo = libpq_url(database_url)
+        self._reconnect_delay = reconnect_delay
+        self._waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._listen_forever(), name="outcome-listener")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @contextlib.asynccontextmanager
+    async def subscription(self, payment_id: str) -> AsyncIterator[asyncio.Event]:
+        """An event set when ``payment_id``'s outcome is committed.
+
+        Subscribe *before* reading the row, so an outcome committed in between is
+        not missed.
+        """
+        event = asyncio.Event()
+        self._waiters[payment_id].add(event)
+        try:
+            yield event
+        finally:
+            waiting = self._waiters.get(payment_id)
+            if waiting is not None:
+                waiting.discard(event)
+                if not waiting:
+                    del self._waiters[payment_id]
+
+    async def _listen_forever(self) -> None:
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self._conninfo, autocommit=True
+                ) as connection:
+                    await connection.execute(f"LISTEN {OUTCOME_CHANNEL}")
+                    self.connected.set()
+                    async for notification in connection.notifies():
+                        for event in self._waiters.get(notification.payload, ()):
+                            event.set()
+            except asyncio.CancelledError:
+                raise
+            except (psycopg.Error, OSError) as exc:
+                log.warning("outcome_listener.disconnected", error=str(exc))
+            self.connected.clear()
+            # Whoever waits while we are away relies on its own polling.
+            await asyncio.sleep(self._reconnect_delay)
