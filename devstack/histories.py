@@ -43,7 +43,7 @@ from config.codec import ENCODING, AesGcmCodec, parse_payload_keys
 from config.settings import DEV_PROVIDER_API_KEY, Settings
 from config.temporal import data_converter
 from devstack.ports import free_port
-from devstack.stack import REPO_ROOT, Stack, StackConfig, StackPorts
+from devstack.stack import DEV_PAYLOAD_KEY_ID, REPO_ROOT, Stack, StackConfig, StackPorts
 from devstack.temporal_server import NAMESPACE
 from devstack.webhook_receiver import WebhookReceiver
 from domain.payments import payment_id_for, payment_workflow_id
@@ -453,6 +453,19 @@ async def _export(run: Run, started: datetime, out_dir: Path) -> list[Path]:
     return written
 
 
+def _attached_converter(settings: Settings) -> DataConverter:
+    """The running stack's payload keys: from PAYMENTS_* settings, else ``make run``'s
+    (kept in .data/dev-secrets.json, which it does not put in the environment)."""
+    if settings.payload_keyring is not None:
+        return data_converter(settings)
+    dev_secrets = REPO_ROOT / ".data" / "dev-secrets.json"
+    if not dev_secrets.exists():
+        return DataConverter.default
+    key = json.loads(dev_secrets.read_text())["payload_key"]
+    keys = parse_payload_keys(f"{DEV_PAYLOAD_KEY_ID}:{key}")
+    return DataConverter(payload_codec=AesGcmCodec(keys, DEV_PAYLOAD_KEY_ID))
+
+
 def _seal_with_test_key(history: WorkflowHistory, converter: DataConverter) -> None:
     """Histories are committed sealed with the TEST-ONLY key, whatever the stack's key."""
     codec = converter.payload_codec
@@ -497,7 +510,7 @@ async def run_command(args: argparse.Namespace, data_dir: Path) -> int:
             temporal_address=settings.temporal_address,
             namespace=settings.temporal_namespace,
             database_url=settings.database_url,
-            data_converter=data_converter(settings),
+            data_converter=_attached_converter(settings),
         )
         written, skipped = await capture(target, names, args.out)
     else:
