@@ -20,12 +20,14 @@ from temporalio.worker import Worker
 from activities.metrics import WorkerMetrics, install_sdk_metrics
 from activities.payments import PaymentActivities
 from activities.provider_client import ProviderClient
+from activities.refunds import RefundActivities
 from activities.webhooks import WebhookSender
 from config.logging import ActivityLoggingInterceptor, configure_logging
 from config.settings import Settings
 from config.temporal import connect_temporal
 from ledger.db import create_engine, session_factory
 from workflows.payment import PaymentWorkflow
+from workflows.refund import RefundWorkflow
 
 log = structlog.get_logger("worker")
 
@@ -45,17 +47,21 @@ async def run_worker(settings: Settings) -> None:
     webhooks = WebhookSender(webhook_http, allow_loopback=settings.webhook_allow_loopback)
     activities = PaymentActivities(session_factory(engine), provider, webhooks)
     install_sdk_metrics(settings)  # before the client: it uses the default runtime
+    refunds = RefundActivities(session_factory(engine), provider)
     client: Client = await connect_temporal(settings)
     worker = Worker(
         client,
         task_queue=settings.temporal_task_queue,
-        workflows=[PaymentWorkflow],
+        workflows=[PaymentWorkflow, RefundWorkflow],
         activities=[
             activities.open_payment,
             activities.charge_payment,
             activities.find_charge,
             activities.record_outcome,
             activities.notify_webhook,
+            refunds.open_refund,
+            refunds.refund_at_provider,
+            refunds.record_refund_outcome,
         ],
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
         interceptors=[ActivityLoggingInterceptor()],

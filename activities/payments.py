@@ -20,6 +20,7 @@ from activities.provider_client import (
     ProviderInvalidRequest,
     ProviderUnavailable,
 )
+from activities.webhook_events import build_event
 from activities.webhooks import WebhookDeliveryError, WebhookSender
 from domain.payments import (
     ChargeInput,
@@ -44,11 +45,6 @@ _GENERIC_DECLINE_CODES = {"generic_decline", "", None}
 
 def decline_failure_code(code: str, decline_code: str | None) -> str:
     return code if decline_code in _GENERIC_DECLINE_CODES else str(decline_code)
-
-
-def event_id_for(payment_id: str, event_type: str) -> str:
-    """Stable across retries, so receivers can drop a redelivery."""
-    return f"evt_{payment_id.removeprefix('pay_')}_{event_type.replace('.', '_')}"
 
 
 class PaymentActivities:
@@ -144,13 +140,13 @@ class PaymentActivities:
             )
         if payment is None or target is None or not target.url:
             return  # no receiver configured: nothing to deliver
-        event_id = event_id_for(payment.id, input.event_type)
-        event = {
-            "id": event_id,
-            "type": input.event_type,
-            "created_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-            "data": payment.public_dict(),
-        }
+        event = build_event(
+            event_type=input.event_type,
+            payment=payment,
+            created_at=datetime.now(UTC),
+            refund_id=input.refund_id,
+        )
+        event_id = str(event["id"])
         try:
             with metrics.webhook_delivery(event_id):
                 await self._webhooks.send(

@@ -18,7 +18,8 @@ from api.openapi import install_openapi
 from api.payments import PaymentService
 from api.problems import install_problem_handlers
 from api.ratelimit import RateLimiter
-from api.routes import payments
+from api.refunds import RefundService
+from api.routes import payments, refunds
 from config.logging import (
     bind_request_fields,
     configure_logging,
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.rate_limiter = RateLimiter(
             settings.api_rate_limit_per_second, settings.api_rate_limit_burst
         )
+        app.state.refunds = RefundService(sessions, temporal, settings.temporal_task_queue)
         yield
         await outcomes.stop()
         await engine.dispose()
@@ -72,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_metrics(app)
     app.include_router(payments.router)
     app.mount("/codec", create_codec_app(settings))
+    app.include_router(refunds.router)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from domain.currencies import is_active_currency
 from domain.payments import Payment, PaymentRequest
+from domain.refunds import Refund, RefundRequest
 
 # Minor units. The ceiling of the schema; PAYMENTS_API_MAX_AMOUNT (default
 # 99 999 999) is the bound each deployment enforces below it.
@@ -60,6 +61,26 @@ class PaymentCreate(BaseModel):
         )
 
 
+class RefundOut(BaseModel):
+    id: str
+    object: Literal["refund"] = "refund"
+    payment_id: str
+    status: Literal["pending", "succeeded", "failed"]
+    amount: int
+    currency: str
+    reason: str | None
+    failure_code: str | None
+    failure_message: str | None
+    provider_refund_id: str | None
+    idempotency_key: str
+    created_at: str | None
+    updated_at: str | None
+
+    @classmethod
+    def from_domain(cls, refund: Refund) -> RefundOut:
+        return cls.model_validate(refund.public_dict())
+
+
 class PaymentOut(BaseModel):
     id: str
     object: Literal["payment"] = "payment"
@@ -74,6 +95,11 @@ class PaymentOut(BaseModel):
     idempotency_key: str
     created_at: str | None
     updated_at: str | None
+    amount_refunded: int = Field(0, description="Sum of succeeded refunds.")
+    amount_refundable: int = Field(
+        0, description="What a new refund may still take (pending refunds hold their amount)."
+    )
+    refunds: list[RefundOut] = Field(default_factory=list)
 
     @classmethod
     def from_domain(cls, payment: Payment) -> PaymentOut:
@@ -109,3 +135,19 @@ class ProblemOut(BaseModel):
     errors: list[FieldErrorOut] | None = Field(
         default=None, description="Validation errors only: each failing field."
     )
+
+
+class RefundCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    amount: int | None = Field(
+        None,
+        gt=0,
+        le=MAX_AMOUNT,
+        strict=True,
+        description="Minor units; leave out to refund what remains.",
+    )
+    reason: Literal["duplicate", "fraudulent", "requested_by_customer"] | None = None
+
+    def to_domain(self, payment_id: str) -> RefundRequest:
+        return RefundRequest(payment_id=payment_id, amount=self.amount, reason=self.reason)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from domain.refunds import Refund, RefundStatus
+
 TASK_QUEUE = "payments"
 
 
@@ -109,6 +111,22 @@ class Payment:
     provider_charge_id: str | None = None
     created_at: str | None = None
     updated_at: str | None = None
+    refunds: list[Refund] = field(default_factory=list)
+    # Bumped with every recorded change (outcome, refund): a webhook's ``sequence``.
+    version: int = 0
+
+    @property
+    def amount_refunded(self) -> int:
+        return sum(r.amount for r in self.refunds if r.status is RefundStatus.SUCCEEDED)
+
+    @property
+    def amount_refundable(self) -> int:
+        """What a new refund may still take: pending refunds hold their amount."""
+        if self.status is not PaymentStatus.SUCCEEDED:
+            return 0
+        return self.amount - sum(
+            r.amount for r in self.refunds if r.status is not RefundStatus.FAILED
+        )
 
     def public_dict(self) -> dict[str, Any]:
         return {
@@ -125,6 +143,9 @@ class Payment:
             "idempotency_key": self.idempotency_key,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
+            "amount_refunded": self.amount_refunded,
+            "amount_refundable": self.amount_refundable,
+            "refunds": [refund.public_dict() for refund in self.refunds],
         }
 
 
@@ -190,6 +211,8 @@ class RecordOutcomeInput:
 class NotifyInput:
     payment_id: str
     event_type: str
+    # Set for refund events: names the refund in the event id and body.
+    refund_id: str | None = None
 
 
 @dataclass(frozen=True)

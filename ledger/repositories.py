@@ -16,8 +16,25 @@ from domain.payments import (
     RecordOutcomeInput,
     payment_workflow_id,
 )
+from domain.refunds import (
+    RecordRefundInput,
+    Refund,
+    RefundInput,
+    RefundRefusal,
+    RefundStatus,
+    Reservation,
+    refund_entry_kind,
+    refund_workflow_id,
+)
 from ledger.outcomes import OUTCOME_CHANNEL
-from ledger.tables import ApiClient, ApiKey, LedgerEntry, PaymentRow, PreviousWebhookSecret
+from ledger.tables import (
+    ApiClient,
+    ApiKey,
+    LedgerEntry,
+    PaymentRow,
+    PreviousWebhookSecret,
+    RefundRow,
+)
 
 PROVIDER_RECEIVABLE_ACCOUNT = "provider:receivable"
 
@@ -76,7 +93,7 @@ def _iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _to_domain(row: PaymentRow) -> Payment:
+def _to_domain(row: PaymentRow, refunds: list[Refund] | None = None) -> Payment:
     return Payment(
         id=row.id,
         client_id=row.client_id,
@@ -89,6 +106,25 @@ def _to_domain(row: PaymentRow) -> Payment:
         failure_code=row.failure_code,
         failure_message=row.failure_message,
         provider_charge_id=row.provider_charge_id,
+        created_at=_iso(row.created_at),
+        updated_at=_iso(row.updated_at),
+        refunds=list(refunds or []),
+        version=row.version,
+    )
+
+
+def _refund_to_domain(row: RefundRow) -> Refund:
+    return Refund(
+        id=row.id,
+        payment_id=row.payment_id,
+        idempotency_key=row.idempotency_key,
+        status=RefundStatus(row.status),
+        amount=row.amount,
+        currency=row.currency,
+        reason=row.reason,
+        failure_code=row.failure_code,
+        failure_message=row.failure_message,
+        provider_refund_id=row.provider_refund_id,
         created_at=_iso(row.created_at),
         updated_at=_iso(row.updated_at),
     )
@@ -110,6 +146,10 @@ class PaymentRepository:
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
 
+    async def _with_refunds(self, row: PaymentRow) -> Payment:
+        refunds = await RefundRepository(self._session).for_payment(row.id)
+        return _to_domain(row, refunds)
+
     async def get_by_key(self, client_id: str, idempotency_key: str) -> StoredPayment | None:
         row = await self._session.scalar(
             select(PaymentRow).where(
@@ -117,18 +157,27 @@ class PaymentRepository:
                 PaymentRow.idempotency_key == idempotency_key,
             )
         )
-        return None if row is None else StoredPayment(_to_domain(row), row.request_fingerprint)
+        if row is None:
+            return None
+        return StoredPayment(await self._with_refunds(row), row.request_fingerprint)
 
     async def get(self, client_id: str, payment_id: str) -> Payment | None:
         row = await self._session.scalar(
             select(PaymentRow).where(PaymentRow.id == payment_id, PaymentRow.client_id == client_id)
         )
-        return None if row is None else _to_domain(row)
+        return None if row is None else await self._with_refunds(row)
 
     async def get_by_id(self, payment_id: str) -> Payment | None:
-        """Unscoped read, for the worker only: the API always scopes by client."""
-        row = await self._session.get(PaymentRow, payment_id)
-        return None if row is None else _to_domain(row)
+        """Unscoped read, for the worker only: the API always scopes by client.
+
+        FOR SHARE waits out and holds off every writer of the payment (they all lock
+        its row FOR UPDATE), so its version and its refunds are read as one state:
+        what a webhook's ``sequence`` and ``data`` promise.
+        """
+        row = await self._session.scalar(
+            select(PaymentRow).where(PaymentRow.id == payment_id).with_for_update(read=True)
+        )
+        return None if row is None else await self._with_refunds(row)
 
     async def open(self, payment: PaymentInput) -> StoredPayment:
         """Insert the payment as ``processing`` unless its (client, key) row exists already."""
@@ -167,7 +216,7 @@ class PaymentRepository:
         if row is None:
             raise LookupError(f"payment {outcome.payment_id} does not exist")
         if row.status != PaymentStatus.PROCESSING.value:
-            return _to_domain(row)
+            return await self._with_refunds(row)
 
         await self._session.execute(
             update(PaymentRow)
@@ -178,6 +227,7 @@ class PaymentRepository:
                 failure_code=outcome.failure_code,
                 failure_message=outcome.failure_message,
                 updated_at=func.now(),
+                version=PaymentRow.version + 1,
             )
         )
         # Delivered at commit only: wakes the API requests waiting on this payment.
@@ -204,7 +254,7 @@ class PaymentRepository:
                 )
             )
         await self._session.refresh(row)
-        return _to_domain(row)
+        return await self._with_refunds(row)
 
     async def list_for_client(
         self,
@@ -240,7 +290,11 @@ class PaymentRepository:
                 query.order_by(PaymentRow.created_at.desc(), PaymentRow.id.desc()).limit(limit + 1)
             )
         ).all()
-        return PaymentPage([_to_domain(row) for row in rows[:limit]], has_more=len(rows) > limit)
+        page = rows[:limit]
+        refunds = await RefundRepository(self._session).for_payments([row.id for row in page])
+        return PaymentPage(
+            [_to_domain(row, refunds.get(row.id, [])) for row in page], has_more=len(rows) > limit
+        )
 
     async def entries_balance(self, payment_id: str) -> tuple[int, int]:
         """(number of entries, their sum) for one payment."""
@@ -389,3 +443,217 @@ class ClientRepository:
         )
         await self._session.flush()
         return valid_until
+
+
+@dataclass(frozen=True)
+class StoredRefund:
+    refund: Refund
+    request_fingerprint: str
+    client_id: str
+
+
+class RefundRepository:
+    """Refunds: reserved under the payment's row lock, so none can take more than is left."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def for_payment(self, payment_id: str) -> list[Refund]:
+        rows = await self._session.scalars(
+            select(RefundRow)
+            .where(RefundRow.payment_id == payment_id)
+            .order_by(RefundRow.created_at, RefundRow.id)
+        )
+        return [_refund_to_domain(row) for row in rows]
+
+    async def for_payments(self, payment_ids: list[str]) -> dict[str, list[Refund]]:
+        """The refunds of several payments in one query (a listing page)."""
+        if not payment_ids:
+            return {}
+        rows = await self._session.scalars(
+            select(RefundRow)
+            .where(RefundRow.payment_id.in_(payment_ids))
+            .order_by(RefundRow.created_at, RefundRow.id)
+        )
+        found: dict[str, list[Refund]] = {}
+        for row in rows:
+            found.setdefault(row.payment_id, []).append(_refund_to_domain(row))
+        return found
+
+    async def get(self, client_id: str, payment_id: str, refund_id: str) -> Refund | None:
+        row = await self._session.scalar(
+            select(RefundRow).where(
+                RefundRow.id == refund_id,
+                RefundRow.payment_id == payment_id,
+                RefundRow.client_id == client_id,
+            )
+        )
+        return None if row is None else _refund_to_domain(row)
+
+    async def get_by_key(self, client_id: str, idempotency_key: str) -> StoredRefund | None:
+        row = await self._session.scalar(
+            select(RefundRow).where(
+                RefundRow.client_id == client_id, RefundRow.idempotency_key == idempotency_key
+            )
+        )
+        if row is None:
+            return None
+        return StoredRefund(_refund_to_domain(row), row.request_fingerprint, row.client_id)
+
+    async def reserve(self, refund: RefundInput) -> Reservation:
+        """Reserve the refund as ``pending``, or say why not; idempotent per (client, key).
+
+        The payment's row lock serialises every reservation and outcome of one payment:
+        what is left is computed and taken in the same transaction.
+        """
+        request = refund.request
+        payment = await self._session.scalar(
+            select(PaymentRow)
+            .where(PaymentRow.id == request.payment_id, PaymentRow.client_id == refund.client_id)
+            .with_for_update()
+        )
+        if payment is None:
+            return Reservation(refund=None, refusal=RefundRefusal.PAYMENT_NOT_FOUND)
+        existing = await self._replay(refund)
+        if existing is not None:
+            return Reservation(
+                refund=existing.refund if existing.refusal is None else None,
+                refusal=existing.refusal,
+                provider_charge_id=payment.provider_charge_id,
+            )
+        if payment.status != PaymentStatus.SUCCEEDED.value:
+            return Reservation(
+                refund=None,
+                refusal=RefundRefusal.PAYMENT_NOT_REFUNDABLE,
+                payment_status=payment.status,
+                amount_refundable=0,
+            )
+        held = await self._session.scalar(
+            select(func.coalesce(func.sum(RefundRow.amount), 0)).where(
+                RefundRow.payment_id == payment.id,
+                RefundRow.status != RefundStatus.FAILED.value,
+            )
+        )
+        remaining = payment.amount - int(held or 0)
+        amount = remaining if request.amount is None else request.amount
+        if amount <= 0 or amount > remaining:
+            return Reservation(
+                refund=None,
+                refusal=RefundRefusal.AMOUNT_EXCEEDS_REFUNDABLE,
+                payment_status=payment.status,
+                amount_refundable=remaining,
+            )
+        inserted = await self._session.scalar(
+            insert(RefundRow)
+            .values(
+                id=refund.refund_id,
+                payment_id=payment.id,
+                client_id=refund.client_id,
+                idempotency_key=refund.idempotency_key,
+                request_fingerprint=refund.request_fingerprint,
+                amount=amount,
+                currency=payment.currency,
+                reason=request.reason,
+                status=RefundStatus.PENDING.value,
+                workflow_id=refund_workflow_id(refund.client_id, refund.idempotency_key),
+            )
+            .on_conflict_do_nothing(constraint="uq_refunds_client_key")
+            .returning(RefundRow.id)
+        )
+        if inserted is None:
+            # The same key, committed meanwhile for another payment: a replay or a reuse.
+            raced = await self._replay(refund)
+            if raced is None:  # pragma: no cover - the conflicting row exists
+                raise RuntimeError("refund row vanished after a key conflict")
+            return Reservation(
+                refund=raced.refund if raced.refusal is None else None,
+                refusal=raced.refusal,
+                provider_charge_id=payment.provider_charge_id,
+            )
+        await self._bump_version(payment.id)
+        stored = await self.get_by_key(refund.client_id, refund.idempotency_key)
+        assert stored is not None
+        return Reservation(
+            refund=stored.refund,
+            created=True,
+            payment_status=payment.status,
+            amount_refundable=remaining - amount,
+            provider_charge_id=payment.provider_charge_id,
+        )
+
+    async def _replay(self, refund: RefundInput) -> _Replay | None:
+        stored = await self.get_by_key(refund.client_id, refund.idempotency_key)
+        if stored is None:
+            return None
+        if stored.request_fingerprint != refund.request_fingerprint:
+            return _Replay(stored.refund, RefundRefusal.IDEMPOTENCY_KEY_REUSED)
+        return _Replay(stored.refund, None)
+
+    async def record_outcome(self, outcome: RecordRefundInput) -> Refund:
+        """Move a pending refund to its outcome and post its entries, exactly once.
+
+        A failed refund releases its reservation: it no longer counts against the payment.
+        """
+        refund_row = await self._session.get(RefundRow, outcome.refund_id)
+        if refund_row is None:
+            raise LookupError(f"refund {outcome.refund_id} does not exist")
+        # Same lock order as reserve(): the payment first, then its refund.
+        await self._session.execute(
+            select(PaymentRow.id).where(PaymentRow.id == refund_row.payment_id).with_for_update()
+        )
+        await self._session.refresh(refund_row)
+        if refund_row.status != RefundStatus.PENDING.value:
+            return _refund_to_domain(refund_row)
+        await self._session.execute(
+            update(RefundRow)
+            .where(RefundRow.id == refund_row.id)
+            .values(
+                status=outcome.status.value,
+                provider_refund_id=outcome.provider_refund_id,
+                failure_code=outcome.failure_code,
+                failure_message=outcome.failure_message,
+                updated_at=func.now(),
+            )
+        )
+        if outcome.status is RefundStatus.SUCCEEDED:
+            kind = refund_entry_kind(refund_row.id)
+            payment_client = await self._session.scalar(
+                select(PaymentRow.client_id).where(PaymentRow.id == refund_row.payment_id)
+            )
+            # The reverse of the charge's entries, for the refunded amount.
+            await self._session.execute(
+                insert(LedgerEntry).values(
+                    [
+                        {
+                            "payment_id": refund_row.payment_id,
+                            "entry_kind": kind,
+                            "account": PROVIDER_RECEIVABLE_ACCOUNT,
+                            "amount": -refund_row.amount,
+                            "currency": refund_row.currency,
+                        },
+                        {
+                            "payment_id": refund_row.payment_id,
+                            "entry_kind": kind,
+                            "account": client_payable_account(str(payment_client)),
+                            "amount": refund_row.amount,
+                            "currency": refund_row.currency,
+                        },
+                    ]
+                )
+            )
+        await self._bump_version(refund_row.payment_id)
+        await self._session.refresh(refund_row)
+        return _refund_to_domain(refund_row)
+
+    async def _bump_version(self, payment_id: str) -> None:
+        await self._session.execute(
+            update(PaymentRow)
+            .where(PaymentRow.id == payment_id)
+            .values(version=PaymentRow.version + 1, updated_at=func.now())
+        )
+
+
+@dataclass(frozen=True)
+class _Replay:
+    refund: Refund
+    refusal: RefundRefusal | None

@@ -57,7 +57,8 @@ class PaymentRow(Base):
         CheckConstraint(
             "status IN ('processing', 'succeeded', 'failed')", name="ck_payments_status"
         ),
-        Index("ix_payments_client_created", "client_id", "created_at"),
+        Index("ix_payments_client_created_id", "client_id", "created_at", "id"),
+        Index("ix_payments_client_status_created_id", "client_id", "status", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -76,6 +77,8 @@ class PaymentRow(Base):
     workflow_id: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # Bumped in the transaction of every recorded change: the webhooks' sequence number.
+    version: Mapped[int] = mapped_column(BigInteger, server_default="1")
 
 
 class LedgerEntry(Base):
@@ -110,3 +113,38 @@ class PreviousWebhookSecret(Base):
     secret: Mapped[str] = mapped_column(Text)
     retired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class RefundRow(Base):
+    """A refund, reserved as ``pending`` before any money moves.
+
+    Pending and succeeded refunds hold their amount; a trigger (migration 0003)
+    refuses any row that would take a payment's refunds past its amount.
+    """
+
+    __tablename__ = "refunds"
+    __table_args__ = (
+        UniqueConstraint("client_id", "idempotency_key", name="uq_refunds_client_key"),
+        CheckConstraint("amount > 0", name="ck_refunds_amount_positive"),
+        CheckConstraint("status IN ('pending', 'succeeded', 'failed')", name="ck_refunds_status"),
+        CheckConstraint(
+            "reason IS NULL OR reason IN ('duplicate', 'fraudulent', 'requested_by_customer')",
+            name="ck_refunds_reason",
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    payment_id: Mapped[str] = mapped_column(ForeignKey("payments.id"), index=True)
+    client_id: Mapped[str] = mapped_column(ForeignKey("api_clients.id"))
+    idempotency_key: Mapped[str] = mapped_column(String(255))
+    request_fingerprint: Mapped[str] = mapped_column(String(64))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    reason: Mapped[str | None] = mapped_column(String(40))
+    status: Mapped[str] = mapped_column(String(20))
+    provider_refund_id: Mapped[str | None] = mapped_column(String(100))
+    failure_code: Mapped[str | None] = mapped_column(String(100))
+    failure_message: Mapped[str | None] = mapped_column(Text)
+    workflow_id: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
