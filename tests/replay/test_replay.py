@@ -161,6 +161,16 @@ def test_each_history_took_the_path_it_is_named_for() -> None:
 
     assert _max_attempt(_history("webhook_retry"), "notify_webhook") >= 3
 
+    if any(cls.__name__ == "RefundWorkflow" for cls in todays_workflows()):
+        for scenario, amount in (("refund_full", 1250), ("refund_partial", 500)):
+            refund = HISTORIES / f"{scenario}.refund.json"
+            assert refund.exists(), f"{refund.name} missing: run `make capture-histories`"
+            assert "refund_at_provider" in _activities_scheduled(refund)
+            started = events(refund)[0]["workflowExecutionStartedEventAttributes"]
+            indexed = started["searchAttributes"]["indexedFields"]
+            amount_sa = json.loads(base64.b64decode(indexed["AmountMinor"]["data"]))
+            assert amount_sa == amount, (scenario, amount_sa)
+
 
 def test_histories_hold_no_payload_in_clear() -> None:
     """Captured as the stack stores them: every input and result sealed (with the
