@@ -37,6 +37,7 @@ from api.problems import (
     temporal_unavailable,
 )
 from domain import search_attributes
+from domain.currencies import format_amount
 from domain.payments import (
     AttachRequest,
     AttachResult,
@@ -78,8 +79,10 @@ class PaymentAnswer:
 
 
 def summary_for(client_name: str, key: str, request: PaymentRequest) -> str:
-    major, minor = divmod(request.amount, 100)
-    return f"Charge {major}.{minor:02d} {request.currency} for client {client_name}, key {key}"
+    """The workflow's static summary in the Temporal UI; the amount in the currency's
+    own minor unit (12.50 EUR, 1250 JPY, 1.250 KWD)."""
+    amount = format_amount(request.amount, request.currency)
+    return f"Charge {amount} for client {client_name}, key {key}"
 
 
 class PaymentService:

@@ -10,12 +10,20 @@ Temporal stores it, to ``tests/replay/histories/<scenario>.json``.
 
 Each scenario uses an API client of its own whose webhooks go to a receiver this
 command runs, so that it can play a receiver that is down.
+
+Payloads in the histories are sealed with a fixed, public, TEST-ONLY payload key
+(``tests/replay/test-only-payload-key.json``) so that the replay test can open them:
+the stack this command starts encrypts with it; with ``--attach`` the running
+stack's payloads are opened with its own keys (from PAYMENTS_* settings) and sealed
+again with the test key before they are written. Never configure that key anywhere
+but tests: it is in the repository.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -25,22 +33,81 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from temporalio.client import Client, WorkflowExecutionStatus
+from google.protobuf.message import Message
+from temporalio.api.common.v1 import Payload
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
+from temporalio.converter import DataConverter
 
 from admin.clients import CreatedClient, create_client_async
+from config.codec import ENCODING, AesGcmCodec, parse_payload_keys
 from config.settings import DEV_PROVIDER_API_KEY, Settings
+from config.temporal import data_converter
 from devstack.ports import free_port
-from devstack.stack import REPO_ROOT, Stack, StackConfig, StackPorts
+from devstack.stack import DEV_PAYLOAD_KEY_ID, REPO_ROOT, Stack, StackConfig, StackPorts
 from devstack.temporal_server import NAMESPACE
 from devstack.webhook_receiver import WebhookReceiver
 from domain.payments import payment_id_for, payment_workflow_id
 
 HISTORIES_DIR = REPO_ROOT / "tests" / "replay" / "histories"
+TEST_ONLY_KEY_FILE = REPO_ROOT / "tests" / "replay" / "test-only-payload-key.json"
 REFUNDS_ROUTE_SUFFIX = "/refunds"
 
 # The charge's retry budget (workflows/payment.py CHARGE_BUDGET) must run out before
 # the workflow looks the charge up: that scenario takes about five minutes.
 UNKNOWN_OUTCOME_WITHIN = 7 * 60.0
+
+
+def replay_only_payload_key() -> tuple[str, str]:
+    """(key id, base64 key) of the TEST-ONLY key that seals the committed histories."""
+    loaded = json.loads(TEST_ONLY_KEY_FILE.read_text())
+    return str(loaded["key_id"]), str(loaded["key"])
+
+
+def replay_only_settings_env() -> dict[str, str]:
+    """PAYMENTS_* settings that make a stack encrypt with the TEST-ONLY key."""
+    key_id, key = replay_only_payload_key()
+    return {"PAYMENTS_PAYLOAD_KEYS": f"{key_id}:{key}", "PAYMENTS_PAYLOAD_KEY_ID": key_id}
+
+
+def replay_only_codec() -> AesGcmCodec:
+    key_id, key = replay_only_payload_key()
+    return AesGcmCodec(parse_payload_keys(f"{key_id}:{key}"), key_id)
+
+
+def payloads_in(message: Message) -> list[Payload]:
+    """Every Payload anywhere in a protobuf message (inputs, results, failures' details,
+    headers, memos, user metadata, ...)."""
+    found: list[Payload] = []
+    for descriptor, value in message.ListFields():
+        entry = descriptor.message_type
+        if entry is None:
+            continue  # a scalar
+        if entry.GetOptions().map_entry:
+            if entry.fields_by_name["value"].message_type is None:
+                continue  # a map of scalars
+            items = list(value.values())
+        elif descriptor.is_repeated:
+            items = list(value)
+        else:
+            items = [value]
+        for item in items:
+            if isinstance(item, Payload):
+                found.append(item)
+            else:
+                found += payloads_in(item)
+    return found
+
+
+def reseal(history: WorkflowHistory, opener: AesGcmCodec, sealer: AesGcmCodec) -> int:
+    """Open the history's encrypted payloads with ``opener``, seal them with ``sealer``,
+    in place; payloads in clear (search attributes) stay in clear. Returns how many."""
+    count = 0
+    for event in history.events:
+        for payload in payloads_in(event):
+            if payload.metadata.get("encoding") == ENCODING:
+                payload.CopyFrom(sealer.encrypt(opener.decrypt(payload)))
+                count += 1
+    return count
 
 
 class ScenarioSkipped(Exception):
@@ -57,6 +124,8 @@ class Target:
     temporal_address: str
     namespace: str
     database_url: str
+    # How the stack's clients encode payloads; its codec, if it is not the test key's.
+    data_converter: DataConverter = DataConverter.default
 
     @classmethod
     def of_stack(cls, stack: Stack) -> Target:
@@ -67,6 +136,7 @@ class Target:
             temporal_address=stack.temporal_address,
             namespace=NAMESPACE,
             database_url=stack.database_url,
+            data_converter=stack.data_converter(),
         )
 
 
@@ -267,14 +337,15 @@ async def refund_full(run: Run) -> None:
     await _require_refunds(run)
     payment_id = await run.pay(amount=1250)
     await run.wait_closed(run.workflow_ids[-1])
-    await run.refund(payment_id, {"amount": 1250})
+    # No amount: what remains of the payment, all of it here (api/schemas.py RefundCreate).
+    await run.refund(payment_id, {"reason": "requested_by_customer"})
 
 
 async def refund_partial(run: Run) -> None:
     await _require_refunds(run)
     payment_id = await run.pay(amount=1250)
     await run.wait_closed(run.workflow_ids[-1])
-    await run.refund(payment_id, {"amount": 500})
+    await run.refund(payment_id, {"amount": 500, "reason": "requested_by_customer"})
 
 
 Scenario = Callable[[Run], Awaitable[None]]
@@ -327,7 +398,9 @@ async def capture(
 ) -> tuple[list[Path], dict[str, str]]:
     """Drive the named scenarios, write their histories; returns (written, skipped)."""
     await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
-    temporal = await Client.connect(target.temporal_address, namespace=target.namespace)
+    temporal = await Client.connect(
+        target.temporal_address, namespace=target.namespace, data_converter=target.data_converter
+    )
     receiver = WebhookReceiver(webhooks_host, free_port(webhooks_host))
     await receiver.start()
     written: list[Path] = []
@@ -336,7 +409,10 @@ async def capture(
         async with httpx.AsyncClient(timeout=30) as http:
             for name in names:
                 client = await create_client_async(
-                    target.database_url, name=f"replay-{name}", webhook_url=receiver.url
+                    target.database_url,
+                    name=f"replay-{name}",
+                    webhook_url=receiver.url,
+                    allow_loopback=True,  # the receiver is this command's, on this machine
                 )
                 receiver.secrets.append(client.webhook_secret)
                 receiver.received.clear()
@@ -368,6 +444,7 @@ async def _export(run: Run, started: datetime, out_dir: Path) -> list[Path]:
     for workflow_type, ids in by_type.items():
         for index, workflow_id in enumerate(ids):
             history = await run.temporal.get_workflow_handle(workflow_id).fetch_history()
+            _seal_with_test_key(history, run.target.data_converter)
             path = out_dir / _history_name(run.name, workflow_type, index, len(ids))
             path.write_text(history.to_json() + "\n")
             written.append(path)
@@ -375,6 +452,31 @@ async def _export(run: Run, started: datetime, out_dir: Path) -> list[Path]:
                   f"{path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path}"
                   f" ({len(history.events)} events)", flush=True)  # fmt: skip
     return written
+
+
+def _attached_converter(settings: Settings) -> DataConverter:
+    """The running stack's payload keys: from PAYMENTS_* settings, else ``make run``'s
+    (kept in .data/dev-secrets.json, which it does not put in the environment)."""
+    if settings.payload_keyring is not None:
+        return data_converter(settings)
+    dev_secrets = REPO_ROOT / ".data" / "dev-secrets.json"
+    if not dev_secrets.exists():
+        return DataConverter.default
+    key = json.loads(dev_secrets.read_text())["payload_key"]
+    keys = parse_payload_keys(f"{DEV_PAYLOAD_KEY_ID}:{key}")
+    return DataConverter(payload_codec=AesGcmCodec(keys, DEV_PAYLOAD_KEY_ID))
+
+
+def _seal_with_test_key(history: WorkflowHistory, converter: DataConverter) -> None:
+    """Histories are committed sealed with the TEST-ONLY key, whatever the stack's key."""
+    codec = converter.payload_codec
+    sealer = replay_only_codec()
+    if codec is None:
+        return  # payloads in clear: the replay test reads those too
+    if not isinstance(codec, AesGcmCodec):
+        raise RuntimeError(f"cannot re-seal payloads encoded by {type(codec).__name__}")
+    if codec.active_key_id != sealer.active_key_id:
+        reseal(history, codec, sealer)
 
 
 # -- the command --------------------------------------------------------------------------
@@ -409,11 +511,13 @@ async def run_command(args: argparse.Namespace, data_dir: Path) -> int:
             temporal_address=settings.temporal_address,
             namespace=settings.temporal_namespace,
             database_url=settings.database_url,
+            data_converter=_attached_converter(settings),
         )
         written, skipped = await capture(target, names, args.out)
     else:
         print(f"Starting a stack on free ports (data in {data_dir}) ...", flush=True)
-        async with Stack(StackConfig.for_tests(data_dir)) as stack:
+        config = StackConfig.for_tests(data_dir).with_env(**replay_only_settings_env())
+        async with Stack(config) as stack:
             written, skipped = await capture(Target.of_stack(stack), names, args.out)
     print(f"\n{len(written)} histories written to {args.out} in "
           f"{time.monotonic() - started:.0f} s.", flush=True)  # fmt: skip

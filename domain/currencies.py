@@ -5,6 +5,11 @@ The active tender currencies of ISO 4217 (list one), as of 2026: withdrawn codes
 (XCG, ZWG) accepted. Fund codes (BOV, CHE, USN, ...), precious metals (XAU, ...),
 bond units, XDR and the testing codes (XTS, XXX) are not money a card is charged in.
 Static on purpose: pure, sandbox-safe, reviewed when ISO publishes an amendment.
+
+Amounts are integers in minor units; how many digits of them are the fraction is
+the currency's ISO 4217 minor unit (its exponent): 2 for most, 0 for JPY (1250 JPY
+is 1250 yen), 3 for the dinars of Bahrain, Iraq, Jordan, Kuwait, Libya, Tunisia
+and the Omani rial (1250 KWD is 1.250 dinars).
 """
 
 from __future__ import annotations
@@ -168,6 +173,36 @@ ACTIVE_CURRENCIES: frozenset[str] = frozenset(
         "ZWG",
     }
 )
+
+
+# ISO 4217 list one, "Minor unit" column, for the active currencies above whose minor
+# unit is not 2. Every other active currency has 2.
+MINOR_UNIT_EXPONENTS: dict[str, int] = {
+    **dict.fromkeys(
+        ("BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX",
+         "VND", "VUV", "XAF", "XOF", "XPF"),
+        0,
+    ),
+    **dict.fromkeys(("BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"), 3),
+}  # fmt: skip
+DEFAULT_MINOR_UNIT_EXPONENT = 2
+
+
+def minor_unit_exponent(code: str) -> int:
+    """Digits of a minor-unit amount that are the fraction: 0 (JPY), 2 (EUR) or 3 (KWD)."""
+    return MINOR_UNIT_EXPONENTS.get(code.upper(), DEFAULT_MINOR_UNIT_EXPONENT)
+
+
+def format_amount(amount: int, currency: str) -> str:
+    """A minor-unit amount as people read it: ``1250 EUR`` -> ``12.50 EUR``,
+    ``1250 JPY`` -> ``1250 JPY``, ``1250 KWD`` -> ``1.250 KWD``."""
+    code = currency.upper()
+    exponent = minor_unit_exponent(code)
+    sign = "-" if amount < 0 else ""
+    if exponent == 0:
+        return f"{sign}{abs(amount)} {code}"
+    major, minor = divmod(abs(amount), 10**exponent)
+    return f"{sign}{major}.{minor:0{exponent}d} {code}"
 
 
 def is_active_currency(code: str) -> bool:

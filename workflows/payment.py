@@ -12,11 +12,13 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeUpdate
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
+from temporalio.exceptions import TimeoutError as ActivityTimeoutError
 
 with workflow.unsafe.imports_passed_through():
     from activities.payments import PaymentActivities
     from domain import search_attributes
+    from domain.currencies import format_amount
     from domain.payments import (
         AttachRequest,
         AttachResult,
@@ -42,14 +44,21 @@ LEDGER_RETRY = RetryPolicy(
 
 # Paid attempts are bounded by a budget; when it runs out the outcome is unknown
 # and is resolved by asking the provider, never by guessing.
+#
+# The workflow retries the charge itself (one attempt per activity, the backoff a
+# timer) rather than leaving it to the server's retry policy: so it knows the attempt
+# and the last error and can say so in its current details, which support staff read
+# in the UI ("attempt 3, last error: provider answered 500").
 CHARGE_START_TO_CLOSE = timedelta(seconds=30)
 CHARGE_BUDGET = timedelta(minutes=5)
-CHARGE_RETRY = RetryPolicy(
+CHARGE_BACKOFF = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=30),
     non_retryable_error_types=[ErrorType.PAYMENT_DECLINED, ErrorType.INVALID_PAYMENT_REQUEST],
 )
+CHARGE_ATTEMPT_RETRY = RetryPolicy(maximum_attempts=1)
+CHARGE_DETAILS = "Waiting for the provider to charge the card"
 LOOKUP_START_TO_CLOSE = timedelta(seconds=30)
 LOOKUP_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
@@ -74,6 +83,23 @@ _BUSINESS_FAILURES = {ErrorType.PAYMENT_DECLINED, ErrorType.INVALID_PAYMENT_REQU
 def _application_cause(error: ActivityError) -> ApplicationError | None:
     cause = error.cause
     return cause if isinstance(cause, ApplicationError) else None
+
+
+def _charge_backoff(failed_attempts: int) -> timedelta:
+    """The wait after the n-th failed charge attempt: 1 s doubling to 30 s, as before."""
+    initial = CHARGE_BACKOFF.initial_interval
+    maximum = CHARGE_BACKOFF.maximum_interval or initial * 100
+    return min(initial * CHARGE_BACKOFF.backoff_coefficient ** (failed_attempts - 1), maximum)
+
+
+def _failure_text(error: ActivityError) -> str:
+    """What went wrong with an attempt, in the provider's or the timeout's words."""
+    cause = error.cause
+    if isinstance(cause, ActivityTimeoutError):
+        return f"no answer within {int(CHARGE_START_TO_CLOSE.total_seconds())} s"
+    if isinstance(cause, FailureError) and cause.message:
+        return cause.message
+    return error.message or "unknown error"
 
 
 def _decline_fields(error: ApplicationError) -> tuple[str, str]:
@@ -141,43 +167,70 @@ class PaymentWorkflow:
         return payment
 
     async def _charge(self, input: PaymentInput) -> RecordOutcomeInput:
+        """Charge within the budget: declines end it at once, anything else is retried
+        with backoff until the budget is spent, then the charge is looked up by key."""
         request = input.request
-        workflow.set_current_details("Waiting for the provider to charge the card")
-        try:
-            charge = await workflow.execute_activity_method(
-                PaymentActivities.charge_payment,
-                ChargeInput(
-                    payment_id=input.payment_id,
-                    amount=request.amount,
-                    currency=request.currency,
-                    payment_method=request.payment_method,
-                    description=request.description,
-                ),
-                start_to_close_timeout=CHARGE_START_TO_CLOSE,
-                schedule_to_close_timeout=CHARGE_BUDGET,
-                retry_policy=CHARGE_RETRY,
-                summary=f"Charge {request.amount} {request.currency} at the provider",
-            )
-        except ActivityError as err:
-            cause = _application_cause(err)
-            if cause is not None and cause.type in _BUSINESS_FAILURES:
-                failure_code, failure_message = _decline_fields(cause)
-                return RecordOutcomeInput(
-                    payment_id=input.payment_id,
-                    status=PaymentStatus.FAILED,
-                    failure_code=failure_code,
-                    failure_message=failure_message,
-                )
-            workflow.logger.warning(
-                "Charge budget spent without an answer; asking the provider",
-                extra={"payment_id": input.payment_id},
-            )
-            return await self._resolve_unknown_outcome(input)
-        return RecordOutcomeInput(
+        charge_input = ChargeInput(
             payment_id=input.payment_id,
-            status=PaymentStatus.SUCCEEDED,
-            provider_charge_id=charge.charge_id,
+            amount=request.amount,
+            currency=request.currency,
+            payment_method=request.payment_method,
+            description=request.description,
         )
+        summary = f"Charge {format_amount(request.amount, request.currency)} at the provider"
+        deadline = workflow.now() + CHARGE_BUDGET
+        attempt, last_error = 1, ""
+        while True:
+            details = f"{CHARGE_DETAILS} — attempt {attempt}"
+            workflow.set_current_details(
+                f"{details}, last error: {last_error}" if last_error else details
+            )
+            try:
+                charge = await workflow.execute_activity_method(
+                    PaymentActivities.charge_payment,
+                    charge_input,
+                    start_to_close_timeout=CHARGE_START_TO_CLOSE,
+                    # An attempt still running when the budget ends is cut off there,
+                    # as the server's schedule-to-close timeout did.
+                    schedule_to_close_timeout=deadline - workflow.now(),
+                    retry_policy=CHARGE_ATTEMPT_RETRY,
+                    summary=summary if attempt == 1 else f"{summary} (attempt {attempt})",
+                )
+            except ActivityError as err:
+                cause = _application_cause(err)
+                if cause is not None and cause.type in _BUSINESS_FAILURES:
+                    failure_code, failure_message = _decline_fields(cause)
+                    return RecordOutcomeInput(
+                        payment_id=input.payment_id,
+                        status=PaymentStatus.FAILED,
+                        failure_code=failure_code,
+                        failure_message=failure_message,
+                    )
+                backoff = _charge_backoff(attempt)
+                # As the server's retry policy did: no attempt that would start after
+                # the budget ends, and none after a failure marked non-retryable.
+                if (cause is not None and cause.non_retryable) or (
+                    workflow.now() + backoff >= deadline
+                ):
+                    workflow.logger.warning(
+                        "Charge budget spent without an answer; asking the provider",
+                        extra={"payment_id": input.payment_id, "attempts": attempt},
+                    )
+                    return await self._resolve_unknown_outcome(input)
+                attempt, last_error = attempt + 1, _failure_text(err)
+                next_at = (workflow.now() + backoff).strftime("%H:%M:%S UTC")
+                workflow.set_current_details(
+                    f"{CHARGE_DETAILS} — attempt {attempt} at {next_at}, last error: {last_error}"
+                )
+                await workflow.sleep(backoff, summary=f"Back off before charge attempt {attempt}")
+                if workflow.now() >= deadline:  # the timer fired late, past the budget
+                    return await self._resolve_unknown_outcome(input)
+                continue
+            return RecordOutcomeInput(
+                payment_id=input.payment_id,
+                status=PaymentStatus.SUCCEEDED,
+                provider_charge_id=charge.charge_id,
+            )
 
     async def _resolve_unknown_outcome(self, input: PaymentInput) -> RecordOutcomeInput:
         workflow.set_current_details("Charge outcome unknown: looking it up at the provider")

@@ -9,6 +9,7 @@ error; docs/changing-workflows.md says what to do then.
 
 from __future__ import annotations
 
+import base64
 import importlib
 import inspect
 import json
@@ -24,14 +25,15 @@ from temporalio.worker import Replayer
 from temporalio.workflow import NondeterminismError
 
 import workflows
-from config import temporal as temporal_config
-from config.settings import Settings
+from config.codec import ENCODING
+from devstack.histories import replay_only_codec
 from tests.replay.changed_workflows import (
     LookupBeforeChargeWorkflow,
     PatchedLookupBeforeChargeWorkflow,
 )
 
 HISTORIES = Path(__file__).parent / "histories"
+ENCRYPTED_ENCODING = base64.b64encode(ENCODING).decode()
 HISTORY_FILES = sorted(HISTORIES.glob("*.json"))
 
 # The payment paths a history must exist for; refunds once a refund workflow exists.
@@ -57,12 +59,8 @@ def todays_workflows() -> list[type]:
 
 
 def data_converter() -> DataConverter:
-    """The project's converter (it may decrypt payloads with a codec), else the default."""
-    factory: Any = getattr(temporal_config, "data_converter", None)
-    if factory is None:
-        return DataConverter.default
-    converter: DataConverter = factory(Settings())
-    return converter
+    """The histories' payloads are sealed with the TEST-ONLY key (never used outside tests)."""
+    return DataConverter(payload_codec=replay_only_codec())
 
 
 def load(path: Path) -> WorkflowHistory:
@@ -140,20 +138,47 @@ def _history(scenario: str) -> Path:
 
 
 def test_each_history_took_the_path_it_is_named_for() -> None:
-    """A recapture that silently missed its fault would leave a path untested."""
+    """A recapture that silently missed its fault would leave a path untested.
+
+    The workflow retries the charge itself: each charge attempt is an activity of its
+    own (a first attempt for the server), so attempts are counted as scheduled charges.
+    """
     assert _activities_scheduled(_history("success")) == ["charge_payment", "notify_webhook"]
     assert _max_attempt(_history("success"), "charge_payment") == 1
 
     assert "PaymentDeclined" in _failure_types(_history("decline"))
+    assert _activities_scheduled(_history("decline")).count("charge_payment") == 1
 
-    assert _max_attempt(_history("provider_retries"), "charge_payment") == 3
+    retried = _activities_scheduled(_history("provider_retries"))
+    assert retried == ["charge_payment"] * 3 + ["notify_webhook"]
+    assert "ProviderUnavailable" in _failure_types(_history("provider_retries"))
     assert "PaymentDeclined" not in _failure_types(_history("provider_retries"))
 
-    unknown = _history("unknown_outcome_lookup")
-    assert _activities_scheduled(unknown) == ["charge_payment", "find_charge", "notify_webhook"]
-    assert _max_attempt(unknown, "charge_payment") > 1
+    unknown = _activities_scheduled(_history("unknown_outcome_lookup"))
+    charges = unknown.count("charge_payment")
+    assert charges > 1
+    assert unknown == ["charge_payment"] * charges + ["find_charge", "notify_webhook"]
 
     assert _max_attempt(_history("webhook_retry"), "notify_webhook") >= 3
+
+    if any(cls.__name__ == "RefundWorkflow" for cls in todays_workflows()):
+        for scenario, amount in (("refund_full", 1250), ("refund_partial", 500)):
+            refund = HISTORIES / f"{scenario}.refund.json"
+            assert refund.exists(), f"{refund.name} missing: run `make capture-histories`"
+            assert "refund_at_provider" in _activities_scheduled(refund)
+            started = events(refund)[0]["workflowExecutionStartedEventAttributes"]
+            indexed = started["searchAttributes"]["indexedFields"]
+            amount_sa = json.loads(base64.b64decode(indexed["AmountMinor"]["data"]))
+            assert amount_sa == amount, (scenario, amount_sa)
+
+
+def test_histories_hold_no_payload_in_clear() -> None:
+    """Captured as the stack stores them: every input and result sealed (with the
+    TEST-ONLY key), so the replay test exercises the codec as the worker does."""
+    for path in HISTORY_FILES:
+        started = events(path)[0]["workflowExecutionStartedEventAttributes"]
+        for payload in started["input"]["payloads"]:
+            assert payload["metadata"]["encoding"] == ENCRYPTED_ENCODING, path.name
 
 
 async def test_guard_an_unpatched_change_fails_to_replay_an_old_history() -> None:

@@ -1,9 +1,17 @@
 """What support staff see: the Temporal UI of the real stack, driven by headless Chromium.
 
+Payloads (inputs, results, summaries, details) are encrypted in Temporal, so the
+UI shows them only to staff signed in to our codec endpoint (``/codec`` on the API).
+The test does what docs/support.md tells staff to do: sign in at ``/codec/login``
+(it sets a cookie for the codec endpoint), then in the UI's codec settings use the
+browser setting with that endpoint and tick "Include cross-origin credentials". The
+UI then decodes through the endpoint from the browser, across origins (CORS).
+
 A payment is made over the API; the test searches the UI for its idempotency key
 (and for its provider charge id), opens it and checks that the summary and the
-charge activity are on screen. It also shows a declined payment and a charge the
-provider keeps failing, as docs/support.md describes them.
+charge activity are on screen, decoded. It also shows a declined payment and a
+charge the provider keeps failing, as docs/support.md describes them, and that
+without signing in the UI shows nothing decoded.
 
 Each step leaves a screenshot in pytest's temporary directory; with
 ``UPDATE_DOCS_IMAGES=1`` they go to ``docs/images/`` instead, which is how the
@@ -20,14 +28,14 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, Response, async_playwright, expect
 from playwright.async_api import Error as PlaywrightError
 from temporalio.client import Client, WorkflowExecutionStatus
 
@@ -61,6 +69,12 @@ class UIStack:
     temporal: Client
     browser: Browser
     shots: Path
+    decode_statuses: list[int] = field(default_factory=list)
+
+    def record_decode(self, response: Response) -> None:
+        """The UI's calls to our codec endpoint, made by the browser across origins."""
+        if response.url.startswith(f"{self.stack.codec_url}/decode"):
+            self.decode_statuses.append(response.status)
 
     @property
     def ui_url(self) -> str:
@@ -92,6 +106,11 @@ class UIStack:
         described = await self.temporal.get_workflow_handle(workflow_id).describe()
         return described.status == WorkflowExecutionStatus.COMPLETED
 
+    async def failed_charges(self, workflow_id: str) -> int:
+        """Charge attempts that failed so far (the workflow retries them itself)."""
+        history = await self.temporal.get_workflow_handle(workflow_id).fetch_history()
+        return sum(e.HasField("activity_task_failed_event_attributes") for e in history.events)
+
     async def shot(self, page: Page, name: str, *, full_page: bool = False) -> None:
         await page.screenshot(path=self.shots / name, full_page=full_page)
 
@@ -113,11 +132,44 @@ async def ui(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[UIStack]
             await browser.close()
 
 
+async def sign_in_to_codec(ui: UIStack, page: Page, *, shots: bool = False) -> None:
+    """What staff do once per shift: sign in to the codec endpoint (a cookie for 8 hours)."""
+    await page.goto(f"{ui.stack.codec_url}/login")
+    await page.get_by_label("Codec token").fill(ui.stack.dev_secrets["codec_token"])
+    if shots:
+        await ui.shot(page, "codec-sign-in.png")
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.get_by_role("heading", name="Signed in for 8 hours")).to_be_visible()
+
+
+async def use_codec_with_credentials(ui: UIStack, page: Page, *, shots: bool = False) -> None:
+    """The UI's codec settings (stored in the browser): our endpoint, with the cookie."""
+    await page.goto(f"{ui.ui_url}/namespaces/{NAMESPACE}/workflows")
+    await page.get_by_role("button", name="Codec Server is configured").click()
+    dialog = page.get_by_role("dialog", name="Codec Server")
+    await dialog.get_by_text("Use my browser setting and ignore Cluster-level setting.").click()
+    await dialog.get_by_role("textbox", name="Codec Server browser endpoint").fill(
+        ui.stack.codec_url
+    )
+    # The switch itself is visually hidden; its label is what a person clicks.
+    await dialog.get_by_text("Include cross-origin credentials", exact=True).click()
+    await expect(
+        dialog.get_by_role("switch", name="Include cross-origin credentials")
+    ).to_be_checked()
+    if shots:
+        await ui.shot(page, "ui-codec-settings.png")
+    await dialog.get_by_role("button", name="Apply").click()
+    await expect(dialog).to_be_hidden()
+
+
 @pytest.fixture(scope="module")
 async def page(ui: UIStack) -> AsyncIterator[Page]:
-    """One tab for the module: the UI's bundle is loaded once, then comes from the cache."""
+    """One tab for the module, signed in as staff: the UI's bundle is loaded once."""
     context = await ui.browser.new_context(viewport={"width": 1400, "height": 900})
     page = await context.new_page()
+    page.on("response", ui.record_decode)
+    await sign_in_to_codec(ui, page, shots=True)
+    await use_codec_with_credentials(ui, page, shots=True)
     yield page
     await context.close()
 
@@ -163,8 +215,9 @@ async def test_support_finds_a_payment_by_key_and_reads_its_summary_and_charge(
 
     # Open it: the charge activity, with its summary, is on the timeline.
     await row.click()
+    await page.get_by_role("tab", name="Timeline").click()
     await expect(
-        page.get_by_text("charge_payment • Charge 1250 EUR at the provider")
+        page.get_by_text("charge_payment • Charge 12.50 EUR at the provider", exact=True)
     ).to_be_visible()
     await expect(
         page.get_by_text("notify_webhook • Send the payment.succeeded webhook")
@@ -178,6 +231,8 @@ async def test_support_finds_a_payment_by_key_and_reads_its_summary_and_charge(
     await expect_metadata(page, f"Payment {payment['id']}")
     await expect_metadata(page, "Done: succeeded")
     await ui.shot(page, "ui-payment-summary.png")
+    # Decoded by the browser through the codec endpoint: CORS and the cookie both work.
+    assert set(ui.decode_statuses) == {200}, ui.decode_statuses
 
     # The provider's charge id (from the provider's dashboard or a dispute) finds it too.
     charge_query = f'ProviderChargeId="{payment["provider_charge_id"]}"'
@@ -200,13 +255,14 @@ async def test_support_sees_why_a_payment_was_declined(ui: UIStack, page: Page) 
     await page.goto(ui.workflows_url(query))
     await page.get_by_role("link", name=workflow_id).click()
     await page.get_by_test_id("history-tab").click()
-    # The failed charge attempt carries the provider's words; expanded, the charge's
-    # retry policy shows that a PaymentDeclined is never retried.
+    # The failed charge attempt carries the provider's words; expanded, its failure is
+    # a PaymentDeclined the activity marked non-retryable: the workflow never retries it.
     failed = page.get_by_role("row").filter(has_text="Activity Task Failed").first
     await expect(failed).to_contain_text("Your card was declined.")
     await failed.get_by_role("button", name="Expand details").click()
     await expect(page.get_by_text("charge_payment", exact=True).first).to_be_visible()
-    await expect(page.get_by_text('"PaymentDeclined"').first).to_be_visible()
+    await expect(page.get_by_text("RETRY_STATE_NON_RETRYABLE_FAILURE").first).to_be_visible()
+    assert await ui.failed_charges(workflow_id) == 1, "a decline is never retried"
     await ui.shot(page, "ui-declined-history.png", full_page=True)
 
 
@@ -222,17 +278,54 @@ async def test_support_sees_what_a_payment_is_waiting_for(ui: UIStack, page: Pag
         assert response.status_code == 202  # the API's wait ran out: still processing
         await wait_until(lambda: ui.visible_to_search(f'IdempotencyKey="{key}"'), within=10)
 
+        await wait_until(lambda: ui.failed_charges(workflow_id), within=20)
         await page.goto(ui.workflows_url(f'IdempotencyKey="{key}"'))
         await page.get_by_role("link", name=workflow_id).click()
-        await page.get_by_test_id("pending-activities-tab").click()
-        await expect(page.get_by_text("charge_payment").first).to_be_visible()
-        await expect(page.get_by_text("provider answered 500").first).to_be_visible()
-        await ui.shot(page, "ui-pending-charge.png", full_page=True)
+        # Each charge attempt is on the timeline (the UI reopens the last tab used).
+        await page.get_by_role("tab", name="Timeline").click()
+        await expect(
+            page.get_by_text("charge_payment • Charge 12.50 EUR at the provider", exact=True)
+        ).to_be_visible()
+        # Each failed attempt carries the provider's words in the history.
+        await page.get_by_test_id("history-tab").click()
+        failed = page.get_by_role("row").filter(has_text="Activity Task Failed").first
+        await expect(failed).to_contain_text("provider answered 500")
+        await ui.shot(page, "ui-retrying-charge.png", full_page=True)
 
+        # The current details say which attempt it is at and what went wrong last.
         await page.get_by_test_id("user-metadata-tab").click()
-        await expect_metadata(page, "Waiting for the provider to charge the card")
+        await expect_metadata(page, "Waiting for the provider to charge the card — attempt")
+        await expect_metadata(page, "last error: provider answered 500")
         await ui.shot(page, "ui-current-details.png")
     finally:
         # The next retry charges (seconds away, by the backoff); the e2e tests follow
         # such payments to their end, this one only shows what staff see meanwhile.
         await provider.clear_faults()
+
+
+async def test_without_signing_in_the_ui_decodes_nothing(ui: UIStack) -> None:
+    """The codec endpoint answers only signed-in staff: a browser that has the same
+    codec settings but no sign-in sees the payment, never its summary in clear."""
+    key = f"order-{uuid.uuid4()}"
+    response = await ui.pay(key, "pm_card_visa")
+    assert response.status_code == 201
+    workflow_id = payment_workflow_id(ui.client.client_id, key)
+    await wait_until(lambda: ui.visible_to_search(f'IdempotencyKey="{key}"'), within=10)
+
+    context = await ui.browser.new_context(viewport={"width": 1400, "height": 900})
+    try:
+        page = await context.new_page()
+        statuses: list[int] = []
+        page.on(
+            "response",
+            lambda r: statuses.append(r.status) if "/codec/decode" in r.url else None,
+        )
+        await use_codec_with_credentials(ui, page)
+        await page.goto(ui.workflows_url(f'IdempotencyKey="{key}"'))
+        await page.get_by_role("link", name=workflow_id).click()
+        await expect(page.get_by_text("charge_payment").first).to_be_visible()
+        await wait_until(lambda: statuses, within=20)
+        assert set(statuses) == {401}, statuses
+        await expect(page.get_by_text("Charge 12.50 EUR at the provider")).to_have_count(0)
+    finally:
+        await context.close()

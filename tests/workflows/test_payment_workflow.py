@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from temporalio import activity
+from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
@@ -37,6 +38,7 @@ from domain.payments import (
     PaymentStatus,
     RecordOutcomeInput,
 )
+from tests.helpers.eventually import wait_until
 from tests.helpers.temporal import encrypting_data_converter, register_search_attributes
 from workflows.payment import AWAIT_OUTCOME_UPDATE, PaymentWorkflow
 
@@ -221,13 +223,56 @@ async def test_provider_errors_are_retried_until_the_charge_succeeds(
     assert result.status is PaymentStatus.SUCCEEDED
     assert fakes.charge_attempts == 3
     assert len(fakes.charges) == 1
+    # The workflow retries the charge itself: one activity per attempt, each a first
+    # attempt for the server, with a backoff timer between them.
     history = await handle.fetch_history()
-    charge_events = [
-        event
+    charges_scheduled = [
+        event.activity_task_scheduled_event_attributes
         for event in history.events
-        if event.HasField("activity_task_started_event_attributes")
+        if event.HasField("activity_task_scheduled_event_attributes")
+        and event.activity_task_scheduled_event_attributes.activity_type.name == "charge_payment"
     ]
-    assert charge_events[0].activity_task_started_event_attributes.attempt == 3
+    assert len(charges_scheduled) == 3
+    assert all(s.retry_policy.maximum_attempts == 1 for s in charges_scheduled)
+    backoffs = [
+        event.timer_started_event_attributes.start_to_fire_timeout.ToTimedelta()
+        for event in history.events
+        if event.HasField("timer_started_event_attributes")
+    ]
+    assert backoffs == [timedelta(seconds=1), timedelta(seconds=2)]
+
+
+async def _current_details(handle: WorkflowHandle[PaymentWorkflow, Payment]) -> str:
+    metadata: WorkflowMetadata = await handle.query(
+        "__temporal_workflow_metadata", result_type=WorkflowMetadata
+    )
+    return metadata.current_details
+
+
+async def test_current_details_say_which_attempt_the_charge_is_at_and_its_last_error(
+    env: WorkflowEnvironment,
+) -> None:
+    fakes = FakeProviderAndLedger(charge_failures_before_success=10_000)
+    payment = _payment_input()
+    worker, handle = await _start(env.client, fakes, payment)
+    async with worker:
+        # Time stands still until the test waits for the result: the second backoff
+        # (2 s) holds the workflow between attempt 2 and 3.
+        async def two_attempts_failed() -> bool:
+            return fakes.charge_attempts >= 2 and "attempt 3" in await _current_details(handle)
+
+        await wait_until(two_attempts_failed, within=15)
+        details = await _current_details(handle)
+        assert details.startswith("Waiting for the provider to charge the card — attempt 3 at ")
+        assert details.endswith(", last error: provider answered 500")
+
+        fakes.charge_failures_before_success = 0  # the provider recovers
+        result = await handle.result()
+        final_details = await _current_details(handle)  # a query needs the worker
+
+    assert result.status is PaymentStatus.SUCCEEDED
+    assert fakes.charge_attempts == 3
+    assert final_details == "Done: succeeded"
 
 
 async def test_webhook_failing_for_hours_never_fails_the_payment(
