@@ -13,6 +13,8 @@ from temporalio.client import Client
 
 from bench.baseline_workflows import BASELINE_TASK_QUEUE
 from bench.loadgen import DONE, ERRORS, SENT, SLOTS, GeneratorResult, Record, _cpu_seconds
+from config.settings import Settings
+from config.temporal import data_converter
 
 
 async def _drive(
@@ -25,7 +27,9 @@ async def _drive(
     progress: Any,
     slot: int,
 ) -> GeneratorResult:
-    client = await Client.connect(address, namespace=namespace)
+    client = await Client.connect(
+        address, namespace=namespace, data_converter=data_converter(Settings())
+    )
     result = GeneratorResult()
     gate = asyncio.Semaphore(concurrency)
     base = slot * SLOTS

@@ -17,6 +17,9 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
+from config.settings import Settings
+from config.temporal import data_converter
+
 # -- processes -----------------------------------------------------------------------
 
 
@@ -336,7 +339,9 @@ def billable_actions(events: list[Any]) -> int:
 async def sample_histories(
     address: str, namespace: str, workflow_ids: list[str], concurrency: int = 8
 ) -> HistoryStats:
-    client = await Client.connect(address, namespace=namespace)
+    client = await Client.connect(
+        address, namespace=namespace, data_converter=data_converter(Settings())
+    )
     gate = asyncio.Semaphore(concurrency)
     lengths: list[int] = []
     actions: list[int] = []

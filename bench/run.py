@@ -31,7 +31,8 @@ from bench.rawhttp import Connection, build_request
 from bench.report import OK_STATUSES, errors, fmt, latencies_by_kind, latency_ms, percentile
 from bench.report import statuses as status_counts
 from bench.report import table as render_table
-from config.settings import DEV_PROVIDER_API_KEY
+from config.settings import DEV_PROVIDER_API_KEY, Settings
+from config.temporal import data_converter
 from devstack.processes import ManagedProcess
 from devstack.stack import REPO_ROOT, Stack, StackConfig, StackPorts
 from devstack.temporal_server import NAMESPACE
@@ -358,7 +359,9 @@ def _r(value: float | None) -> float | None:
 async def baseline(
     target: Target, workflow: str, args: argparse.Namespace, count: int, run_id: str
 ) -> dict[str, Any]:
-    client = await Client.connect(target.temporal_address, namespace=NAMESPACE)
+    client = await Client.connect(
+        target.temporal_address, namespace=NAMESPACE, data_converter=data_converter(Settings())
+    )
     unloaded_ms: list[float] = []
     for i in range(args.unloaded):
         started = time.perf_counter()
@@ -475,6 +478,12 @@ async def _start_target(args: argparse.Namespace) -> Target:
     print(f"Starting the stack in {data_dir} (api processes {args.api_processes}, "
           f"workers {args.workers}) ...", flush=True)  # fmt: skip
     await stack.start()
+    # Payloads are encrypted: the bench's own clients (here and in the generator
+    # processes, which inherit the environment) read them with the stack's key.
+    stack_env = stack.settings_env()
+    for name in ("PAYMENTS_PAYLOAD_KEYS", "PAYMENTS_PAYLOAD_KEY_ID"):
+        if name in stack_env:
+            os.environ[name] = stack_env[name]
     print(f"  ready in {stack.timings['total']:.1f} s: API {stack.api_url}, "
           f"Temporal {stack.temporal_address}", flush=True)  # fmt: skip
     return Target(
