@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -32,6 +31,7 @@ from temporalio.common import (
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from api.payments import _TRANSIENT_RPC, DESCRIBE_TIMEOUT
 from api.problems import (
     Problem,
     database_unavailable,
@@ -55,15 +55,6 @@ from domain.refunds import (
 )
 from ledger.repositories import RefundRepository
 from workflows.refund import AWAIT_REFUND_UPDATE, RefundWorkflow
-
-_TRANSIENT_RPC = {
-    RPCStatusCode.UNAVAILABLE,
-    RPCStatusCode.DEADLINE_EXCEEDED,
-    RPCStatusCode.RESOURCE_EXHAUSTED,
-    RPCStatusCode.CANCELLED,
-    RPCStatusCode.UNKNOWN,
-}
-DESCRIBE_TIMEOUT = timedelta(seconds=2)
 
 
 def payment_not_refundable(payment_id: str, status: str | None) -> Problem:
