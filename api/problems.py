@@ -17,6 +17,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from config.logging import bind_request_fields
+
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://payments.example.com/problems/"
 
@@ -173,7 +175,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def on_database_unavailable(request: Request, exc: Exception) -> JSONResponse:
         # No pooled connection within the pool timeout (a storm), or the database gone
         # mid-request: both pass, so a retry with the same key is the right answer.
-        return problem_response(database_unavailable(), request.url.path)
+        return problem_response(database_unavailable(exc), request.url.path)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         problem = Problem(500, "internal-error", "Internal error", "An unexpected error occurred.")
@@ -227,7 +229,20 @@ def idempotency_key_reused() -> Problem:
     )
 
 
-def temporal_unavailable() -> Problem:
+def _unavailable_because(cause: BaseException | str | None) -> None:
+    """Name the cause of a 503 on the request's canonical log line (no traceback)."""
+    if cause is None:
+        return
+    if isinstance(cause, str):
+        reason = cause
+    else:
+        status_name = getattr(getattr(cause, "status", None), "name", None)
+        reason = type(cause).__name__ + (f" {status_name}" if status_name else "")
+    bind_request_fields(unavailable=reason)
+
+
+def temporal_unavailable(cause: BaseException | str | None = None) -> Problem:
+    _unavailable_because(cause)
     return Problem(
         503,
         "service-unavailable",
@@ -238,7 +253,8 @@ def temporal_unavailable() -> Problem:
     )
 
 
-def database_unavailable() -> Problem:
+def database_unavailable(cause: BaseException | str | None = None) -> Problem:
+    _unavailable_because(cause)
     return Problem(
         503,
         "service-unavailable",

@@ -120,21 +120,21 @@ class RefundService:
             async with self._sessions() as session:
                 return await RefundRepository(session).get(client_id, payment_id, refund_id)
         except (OperationalError, DBAPIError) as exc:
-            raise database_unavailable() from exc
+            raise database_unavailable(exc) from exc
 
     async def _reserve(self, refund_input: RefundInput) -> Reservation:
         try:
             async with self._sessions() as session, session.begin():
                 return await RefundRepository(session).reserve(refund_input)
         except (OperationalError, DBAPIError) as exc:
-            raise database_unavailable() from exc
+            raise database_unavailable(exc) from exc
 
     async def _stored(self, client_id: str, key: str) -> Refund:
         try:
             async with self._sessions() as session:
                 stored = await RefundRepository(session).get_by_key(client_id, key)
         except (OperationalError, DBAPIError) as exc:
-            raise database_unavailable() from exc
+            raise database_unavailable(exc) from exc
         if stored is None:  # pragma: no cover - reserved before the workflow started
             raise RuntimeError(f"refund for key {key!r} vanished")
         return stored.refund
@@ -220,7 +220,7 @@ class RefundService:
         except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
             # A 202 promises the refund is on its way: say it only once Temporal has the run.
             if not await self._run_exists(workflow_id):
-                raise temporal_unavailable() from None
+                raise temporal_unavailable("no run found after the wait") from None
             return RefundAnswer(await self._stored(client_id, key), replayed=replayed)
         except WorkflowUpdateFailedError as exc:
             raise self._update_failure(request.payment_id, exc) from exc
@@ -230,11 +230,11 @@ class RefundService:
             if exc.status == RPCStatusCode.ALREADY_EXISTS:
                 return RefundAnswer(await self._stored(client_id, key), replayed=True)
             if exc.status in _TRANSIENT_RPC:
-                raise temporal_unavailable() from exc
+                raise temporal_unavailable(exc) from exc
             raise
         except RuntimeError as exc:
             if "Failed client connect" in str(exc):
-                raise temporal_unavailable() from exc
+                raise temporal_unavailable(exc) from exc
             raise
         return RefundAnswer(result.refund, replayed=replayed)
 
@@ -262,11 +262,11 @@ class RefundService:
                     rpc_timeout=DESCRIBE_TIMEOUT
                 )
         except TimeoutError as exc:
-            raise temporal_unavailable() from exc
+            raise temporal_unavailable(exc) from exc
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 return False
-            raise temporal_unavailable() from exc
+            raise temporal_unavailable(exc) from exc
         return True
 
 
