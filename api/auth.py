@@ -6,11 +6,14 @@ so the database index never sees the key itself; the stored hash is then compare
 in constant time. Missing, unknown and revoked keys get the same 401. A short
 in-process cache keeps the hot path off the database: a revoked key is refused by
 every API process within ``cache_seconds`` (PAYMENTS_API_KEY_CACHE_SECONDS).
+Requests that miss the cache together share one lookup: at the start of a storm
+1,000 requests with the same key were 1,000 queries waiting for the connection pool.
 The key is never logged, nor is its hash.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from collections.abc import Callable
@@ -38,6 +41,7 @@ class ApiKeyAuthenticator:
         self._cache_seconds = cache_seconds
         self._clock = clock
         self._cache: dict[str, tuple[float, ClientIdentity]] = {}
+        self._lookups: dict[str, asyncio.Future[ClientIdentity | None]] = {}
 
     async def authenticate(self, authorization: str | None) -> ClientIdentity:
         scheme, _, api_key = (authorization or "").partition(" ")
@@ -53,18 +57,35 @@ class ApiKeyAuthenticator:
         cached = self._cache.get(key_hash)
         if cached is not None and cached[0] > now:
             return cached[1]
+        lookup = self._lookups.get(key_hash)
+        if lookup is None:
+            lookup = asyncio.ensure_future(self._lookup(key_hash, now))
+            self._lookups[key_hash] = lookup
+            lookup.add_done_callback(lambda done: self._lookup_finished(key_hash, done))
+        # Shielded: one waiting request giving up must not cancel the others' lookup.
+        identity = await asyncio.shield(lookup)
+        if identity is None:
+            raise unauthorized()
+        return identity
+
+    def _lookup_finished(self, key_hash: str, done: asyncio.Future[ClientIdentity | None]) -> None:
+        self._lookups.pop(key_hash, None)
+        if not done.cancelled():
+            done.exception()  # read here too: every waiter may have gone
+
+    async def _lookup(self, key_hash: str, now: float) -> ClientIdentity | None:
         try:
             async with self._sessions() as session:
                 record = await ClientRepository(session).key_for_hash(key_hash)
         except (OperationalError, DBAPIError) as exc:
-            raise database_unavailable() from exc
+            raise database_unavailable(exc) from exc
         if (
             record is None
             or record.revoked_at is not None
             or not hmac.compare_digest(record.key_hash, key_hash)
         ):
             self._cache.pop(key_hash, None)
-            raise unauthorized()
+            return None
         identity = ClientIdentity(client_id=record.client_id, name=record.client_name)
         if self._cache_seconds > 0:
             self._cache[key_hash] = (now + self._cache_seconds, identity)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -93,6 +93,32 @@ async def test_a_cached_key_is_refused_once_the_cache_entry_expires(
     with pytest.raises(Problem) as refused:
         await authenticator.authenticate(header)
     assert refused.value.status == 401
+
+
+async def test_requests_missing_the_cache_together_share_one_lookup(
+    sessions: async_sessionmaker[AsyncSession],
+    new_client: Callable[..., Any],
+) -> None:
+    client = await new_client("storm")
+    opened: list[int] = []
+
+    def counting_sessions() -> AsyncSession:
+        opened.append(1)
+        return sessions()
+
+    authenticator = ApiKeyAuthenticator(cast(Any, counting_sessions), 5.0)
+    identities = await asyncio.gather(
+        *(authenticator.authenticate(f"Bearer {client.api_key}") for _ in range(200))
+    )
+    assert {identity.client_id for identity in identities} == {client.client_id}
+    assert len(opened) == 1, "200 requests at once, one query"
+
+    unknown = await asyncio.gather(
+        *(authenticator.authenticate("Bearer sk_not_a_key") for _ in range(50)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(answer, Problem) and answer.status == 401 for answer in unknown)
+    assert len(opened) == 2, "an unknown key is looked up once too, and refused for all"
 
 
 async def test_a_second_key_of_the_same_client_sees_the_same_payments(
