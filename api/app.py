@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import structlog
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 
+from api.access_log import AccessLogMiddleware
 from api.auth import ApiKeyAuthenticator
 from api.codec_server import create_codec_app
 from api.limits import BodyLimitMiddleware
@@ -21,10 +20,7 @@ from api.ratelimit import RateLimiter
 from api.refunds import RefundService
 from api.routes import payments, refunds
 from config.logging import (
-    bind_request_fields,
     configure_logging,
-    start_request_context,
-    usable_request_id,
 )
 from config.settings import Settings
 from config.temporal import connect_temporal
@@ -80,27 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.middleware("http")
-    async def access_log(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        request_id = usable_request_id(request.headers.get("x-request-id")) or uuid.uuid4().hex
-        fields = start_request_context(request_id=request_id)
-        if key := request.headers.get("idempotency-key"):
-            bind_request_fields(idempotency_key=key[:255])
-        started = time.perf_counter()
-        response = await call_next(request)
-        response.headers["X-Request-Id"] = request_id
-        if request.url.path != "/healthz":
-            # Fields learned by the handler (the client) ride on the canonical line too.
-            structlog.contextvars.bind_contextvars(**fields)
-            log.info(
-                "http.request",
-                method=request.method,
-                path=request.url.path,
-                status=response.status_code,
-                duration_ms=round((time.perf_counter() - started) * 1000, 1),
-            )
-        return response
+    # Added last, so outermost: its line covers every other layer, errors included.
+    app.add_middleware(AccessLogMiddleware)
 
     return app
