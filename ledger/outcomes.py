@@ -2,14 +2,17 @@
 
 A duplicate of a payment that is still running has nothing to ask Temporal: the
 ledger row proves the run exists, and the row's next change is the answer. So the
-transaction that records an outcome also sends ``NOTIFY payment_outcomes`` (delivered
-at commit, never for a rolled-back write), and each API process keeps one
+transactions that open a payment's row and record its outcome also send ``NOTIFY
+payment_outcomes`` (delivered at commit, never for a rolled-back write), and each
+API process keeps one
 ``LISTEN`` connection that wakes the requests waiting for that payment. Duplicates
 then add no update, no workflow task and no history event to the run.
 
 Notifications are a shortcut, not the source of truth: a waiter re-reads the row
-when woken, and also every ``poll_interval`` in case a notification was missed
-(the listener reconnecting after a PostgreSQL restart).
+when woken. A notification sent while the listener is away is lost, so every
+(re)connection wakes every waiter to re-read, and waiters poll on their own only
+while the listener is disconnected: in a storm of 1,000 waiting requests a 1 s
+safety poll was 1,000 queries a second against the API's connection pool.
 """
 
 from __future__ import annotations
@@ -72,6 +75,11 @@ class OutcomeListener:
                 if not waiting:
                     del self._waiters[payment_id]
 
+    def _wake_everyone(self) -> None:
+        for waiting in self._waiters.values():
+            for event in waiting:
+                event.set()
+
     async def _listen_forever(self) -> None:
         while True:
             try:
@@ -80,6 +88,8 @@ class OutcomeListener:
                 ) as connection:
                     await connection.execute(f"LISTEN {OUTCOME_CHANNEL}")
                     self.connected.set()
+                    # Whatever was committed while we were away was never announced.
+                    self._wake_everyone()
                     async for notification in connection.notifies():
                         for event in self._waiters.get(notification.payload, ()):
                             event.set()

@@ -186,7 +186,7 @@ class PaymentRepository:
     async def open(self, payment: PaymentInput) -> StoredPayment:
         """Insert the payment as ``processing`` unless its (client, key) row exists already."""
         request = payment.request
-        await self._session.execute(
+        inserted = await self._session.execute(
             insert(PaymentRow)
             .values(
                 id=payment.payment_id,
@@ -203,7 +203,11 @@ class PaymentRepository:
                 workflow_id=payment_workflow_id(payment.client_id, payment.idempotency_key),
             )
             .on_conflict_do_nothing(constraint="uq_payments_client_key")
+            .returning(PaymentRow.id)
         )
+        if inserted.scalar_one_or_none() is not None:
+            # Requests attached to the run wait for its row too (delivered at commit).
+            await self._session.execute(select(func.pg_notify(OUTCOME_CHANNEL, payment.payment_id)))
         stored = await self.get_by_key(payment.client_id, payment.idempotency_key)
         if stored is None:  # pragma: no cover - the insert or the conflicting row guarantees one
             raise RuntimeError("payment row vanished after insert")

@@ -129,8 +129,8 @@ async def test_row_in_flight_duplicates_attach_and_wait_for_the_same_outcome(
         assert duplicate.json() == original.json()
     assert original.json()["status"] == "succeeded"
     assert (await stack.provider_stats())["charges_by_key"][original.json()["id"]] == 1
-    # The duplicates waited on the ledger, not on the run: its history holds the
-    # original request's update only, so duplicates cost the engine nothing.
+    # Every request waited on the ledger, not on the run: its history holds no update
+    # and one workflow start, so duplicates cost the engine nothing.
     temporal = await stack.stack.temporal_client()
     history = await temporal.get_workflow_handle(
         payment_workflow_id(stack.client.client_id, key)
@@ -140,7 +140,11 @@ async def test_row_in_flight_duplicates_attach_and_wait_for_the_same_outcome(
         for e in history.events
         if e.HasField("workflow_execution_update_accepted_event_attributes")
     ]
-    assert len(accepted) == 1
+    assert accepted == []
+    started = [
+        e for e in history.events if e.HasField("workflow_execution_started_event_attributes")
+    ]
+    assert len(started) == 1
 
 
 async def test_row_replay_after_temporal_forgot_the_run_answers_from_the_ledger(
