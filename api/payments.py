@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -53,7 +54,7 @@ from domain.payments import (
     payment_id_for,
     payment_workflow_id,
 )
-from ledger.outcomes import OutcomeListener
+from ledger.outcomes import OutcomeListener, PaymentChanges
 from ledger.repositories import PaymentPage, PaymentRepository, StoredPayment
 from workflows.payment import PaymentWorkflow
 
@@ -153,6 +154,33 @@ class PaymentService:
         request: PaymentRequest,
         wait_seconds: float,
     ) -> PaymentAnswer:
+        async with self._changes(payment_id_for(client_id, key)) as changes:
+            return await self._create(
+                changes,
+                client_id=client_id,
+                client_name=client_name,
+                key=key,
+                request=request,
+                wait_seconds=wait_seconds,
+            )
+
+    def _changes(self, payment_id: str) -> AbstractAsyncContextManager[PaymentChanges]:
+        if self._outcomes is None:
+            return contextlib.nullcontext(PaymentChanges())  # never set: waiters poll
+        return self._outcomes.subscription(payment_id)
+
+    async def _create(
+        self,
+        changes: PaymentChanges,
+        *,
+        client_id: str,
+        client_name: str,
+        key: str,
+        request: PaymentRequest,
+        wait_seconds: float,
+    ) -> PaymentAnswer:
+        """``create`` once subscribed to the payment's changes: every ledger read below
+        comes after subscribing, so no change committed in between is missed."""
         fingerprint = request.fingerprint()
         deadline = asyncio.get_running_loop().time() + wait_seconds
         stored = await self._stored(client_id, key)
@@ -164,7 +192,9 @@ class PaymentService:
                 return PaymentAnswer(stored.payment, replayed=True)
             # The row exists only once Temporal has the run: wait on the ledger, so a
             # duplicate adds nothing to the run's history.
-            return await self._await_outcome(client_id, key, request, None, deadline)
+            return await self._await_outcome(
+                changes, (client_id, key), request, None, deadline, stored
+            )
 
         request_id = uuid.uuid4().hex
         workflow_id = payment_workflow_id(client_id, key)
@@ -211,10 +241,14 @@ class PaymentService:
             # Out of patience before the server answered: the run may or may not exist.
             return await self._answer_without_outcome(client_id, key, request, request_id)
         except WorkflowAlreadyStartedError:
-            return await self._await_outcome(client_id, key, request, None, deadline)
+            return await self._await_outcome(
+                changes, (client_id, key), request, None, deadline, None
+            )
         except RPCError as exc:
             if exc.status == RPCStatusCode.ALREADY_EXISTS:
-                return await self._await_outcome(client_id, key, request, None, deadline)
+                return await self._await_outcome(
+                    changes, (client_id, key), request, None, deadline, None
+                )
             if exc.status in _TRANSIENT_RPC:
                 raise temporal_unavailable(exc) from exc
             raise
@@ -226,52 +260,51 @@ class PaymentService:
         # This request's start created the run: open its row now rather than when a
         # worker gets to it, so duplicates, GET and a 202 need nothing from Temporal
         # however far behind the workers are. The run's own open finds the row.
-        await self._open_row(payment_input)
-        return await self._await_outcome(client_id, key, request, request_id, deadline)
+        opened = await self._open_row(payment_input)
+        return await self._await_outcome(
+            changes, (client_id, key), request, request_id, deadline, opened
+        )
 
     async def _await_outcome(
         self,
-        client_id: str,
-        key: str,
+        changes: PaymentChanges,
+        ids: tuple[str, str],
         request: PaymentRequest,
         request_id: str | None,
         deadline: float,
+        known: StoredPayment | None,
     ) -> PaymentAnswer:
         """Wait on the ledger for the run's outcome: the outcome once recorded, or,
         when the wait runs out, the payment as it stands (202).
 
-        ``request_id`` is set for the request whose start created the run; any other
-        request attached to a run someone else started and is a replay.
+        ``ids`` is (client id, key). ``request_id`` is set for the request whose start
+        created the run; any other request attached to a run someone else started and
+        is a replay. ``known`` is the row as read since subscribing, if it was.
         """
+        client_id, key = ids
         loop = asyncio.get_running_loop()
         fingerprint = request.fingerprint()
-        payment_id = payment_id_for(client_id, key)
-        subscription = (
-            self._outcomes.subscription(payment_id)
-            if self._outcomes is not None
-            else contextlib.nullcontext(asyncio.Event())
-        )
-        async with subscription as changed:
-            while True:
-                # Read after subscribing: a change committed in between is not missed.
-                current = await self._stored(client_id, key)
-                remaining = deadline - loop.time()
-                if current is not None:
-                    if current.request_fingerprint != fingerprint:
-                        raise idempotency_key_reused()
-                    if current.payment.status.is_terminal or remaining <= 0:
-                        replayed = request_id is None or current.origin_request_id != request_id
-                        return PaymentAnswer(current.payment, replayed=replayed)
-                elif remaining <= 0:
-                    # The run exists but neither its starter nor a worker opened its row
-                    # (the starter gave up or died in between): only Temporal can say more.
-                    return await self._answer_without_outcome(client_id, key, request, request_id)
-                if self._outcomes is None or not self._outcomes.connected.is_set():
-                    remaining = min(remaining, LEDGER_POLL_SECONDS)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(remaining):
-                        await changed.wait()
-                changed.clear()
+        current = known if known is not None else await self._stored(client_id, key)
+        while True:
+            remaining = deadline - loop.time()
+            if current is not None:
+                changes.row_known = True
+                if current.request_fingerprint != fingerprint:
+                    raise idempotency_key_reused()
+                if current.payment.status.is_terminal or remaining <= 0:
+                    replayed = request_id is None or current.origin_request_id != request_id
+                    return PaymentAnswer(current.payment, replayed=replayed)
+            elif remaining <= 0:
+                # The run exists but neither its starter nor a worker opened its row
+                # (the starter gave up or died in between): only Temporal can say more.
+                return await self._answer_without_outcome(client_id, key, request, request_id)
+            if self._outcomes is None or not self._outcomes.connected.is_set():
+                remaining = min(remaining, LEDGER_POLL_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await changes.changed.wait()
+            changes.changed.clear()
+            current = await self._stored(client_id, key)
 
     async def _answer_without_outcome(
         self, client_id: str, key: str, request: PaymentRequest, request_id: str | None

@@ -26,6 +26,23 @@ import psycopg
 import structlog
 
 OUTCOME_CHANNEL = "payment_outcomes"
+# The payload is the payment id, followed by this word when the row was just opened
+# (without it: the outcome was recorded).
+ROW_OPENED = "opened"
+
+
+def row_opened_payload(payment_id: str) -> str:
+    return f"{payment_id} {ROW_OPENED}"
+
+
+class PaymentChanges:
+    """One waiting request's view of a payment: ``changed`` is set when the payment's
+    outcome is recorded, and when its row is opened while the waiter has no row yet."""
+
+    def __init__(self) -> None:
+        self.changed = asyncio.Event()
+        self.row_known = False
+
 
 log = structlog.get_logger(__name__)
 
@@ -44,7 +61,7 @@ class OutcomeListener:
     def __init__(self, database_url: str, *, reconnect_delay: float = 1.0) -> None:
         self._conninfo = libpq_url(database_url)
         self._reconnect_delay = reconnect_delay
-        self._waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
+        self._waiters: defaultdict[str, set[PaymentChanges]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
 
@@ -58,27 +75,27 @@ class OutcomeListener:
                 await self._task
 
     @contextlib.asynccontextmanager
-    async def subscription(self, payment_id: str) -> AsyncIterator[asyncio.Event]:
-        """An event set when ``payment_id``'s outcome is committed.
+    async def subscription(self, payment_id: str) -> AsyncIterator[PaymentChanges]:
+        """``payment_id``'s changes as they are committed.
 
-        Subscribe *before* reading the row, so an outcome committed in between is
+        Subscribe *before* reading the row, so a change committed in between is
         not missed.
         """
-        event = asyncio.Event()
-        self._waiters[payment_id].add(event)
+        changes = PaymentChanges()
+        self._waiters[payment_id].add(changes)
         try:
-            yield event
+            yield changes
         finally:
             waiting = self._waiters.get(payment_id)
             if waiting is not None:
-                waiting.discard(event)
+                waiting.discard(changes)
                 if not waiting:
                     del self._waiters[payment_id]
 
     def _wake_everyone(self) -> None:
         for waiting in self._waiters.values():
-            for event in waiting:
-                event.set()
+            for changes in waiting:
+                changes.changed.set()
 
     async def _listen_forever(self) -> None:
         while True:
@@ -91,8 +108,11 @@ class OutcomeListener:
                     # Whatever was committed while we were away was never announced.
                     self._wake_everyone()
                     async for notification in connection.notifies():
-                        for event in self._waiters.get(notification.payload, ()):
-                            event.set()
+                        payment_id, _, kind = notification.payload.partition(" ")
+                        for changes in self._waiters.get(payment_id, ()):
+                            # A waiter that has the row already only waits for the outcome.
+                            if kind != ROW_OPENED or not changes.row_known:
+                                changes.changed.set()
             except asyncio.CancelledError:
                 raise
             except (psycopg.Error, OSError) as exc:

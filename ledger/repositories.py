@@ -26,7 +26,7 @@ from domain.refunds import (
     refund_entry_kind,
     refund_workflow_id,
 )
-from ledger.outcomes import OUTCOME_CHANNEL
+from ledger.outcomes import OUTCOME_CHANNEL, row_opened_payload
 from ledger.tables import (
     ApiClient,
     ApiKey,
@@ -207,7 +207,8 @@ class PaymentRepository:
         )
         if inserted.scalar_one_or_none() is not None:
             # Requests attached to the run wait for its row too (delivered at commit).
-            await self._session.execute(select(func.pg_notify(OUTCOME_CHANNEL, payment.payment_id)))
+            notice = row_opened_payload(payment.payment_id)
+            await self._session.execute(select(func.pg_notify(OUTCOME_CHANNEL, notice)))
         stored = await self.get_by_key(payment.client_id, payment.idempotency_key)
         if stored is None:  # pragma: no cover - the insert or the conflicting row guarantees one
             raise RuntimeError("payment row vanished after insert")
