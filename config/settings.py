@@ -39,8 +39,11 @@ class Settings(BaseSettings):
         default="postgresql+psycopg://postgres@127.0.0.1:5432/payments",
         validation_alias=AliasChoices("DATABASE_URL", "PAYMENTS_DATABASE_URL"),
     )
-    database_pool_size: int = 10
-    database_max_overflow: int = 10
+    # Per process. In the storm benchmark one API process with 20 connections answered
+    # 862 of 1,000 requests' tries with 503 (pool timeouts: a saturated event loop holds
+    # each connection longer); with 50, 363, and its CPU per payment fell by 27 %.
+    database_pool_size: int = 25
+    database_max_overflow: int = 25
     # How long a request waits for a pooled connection before answering 503 (SQLAlchemy's
     # default is 30 s, far past the API's own bounded wait).
     database_pool_timeout_seconds: float = Field(default=5.0, gt=0)
