@@ -283,6 +283,14 @@ async def storm(
         "log_bytes": log_bytes,
         "app_log_bytes_per_payment": round(app_log_bytes / max(terminal, 1), 1),
         "all_log_bytes_per_payment": round(sum(log_bytes.values()) / max(terminal, 1), 1),
+        # The split: the worker logs per payment, the API per request it answers
+        # (duplicates and retries included), so the storm's mix can be read out.
+        "worker_log_bytes_per_payment": round(
+            sum(v for k, v in log_bytes.items() if k.startswith("worker")) / max(terminal, 1), 1
+        ),
+        "api_log_bytes_per_request": round(
+            sum(v for k, v in log_bytes.items() if k.startswith("api")) / max(len(records), 1), 1
+        ),
         "processes": {name: asdict(stats) for name, stats in groups.items()},
         "cpu_ms_per_payment": {
             name: round(stats.cpu_seconds * 1000 / max(terminal, 1), 1)
@@ -618,7 +626,9 @@ def summarise(report: dict[str, Any]) -> tuple[str, str]:
          f"max {pg['max_waiting']} waiting, in {pg['samples_with_waits']}/{pg['samples']} "
          f"samples; waits > 200 ms logged: {pg['lock_waits_logged_over_200ms']}"),
         ("log bytes / payment (api+worker, all)",
-         f"{storm['app_log_bytes_per_payment']} / {storm['all_log_bytes_per_payment']}"),
+         f"{storm['app_log_bytes_per_payment']} / {storm['all_log_bytes_per_payment']}  "
+         f"(worker {storm.get('worker_log_bytes_per_payment')} per payment, "
+         f"API {storm.get('api_log_bytes_per_request')} per request)"),
         ("history events / payment",
          f"mean {fmt(storm['history']['events_mean'])}, max {storm['history']['events_max']} "
          f"(n={storm['history']['sampled']})"),
