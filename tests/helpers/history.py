@@ -52,6 +52,13 @@ class ActivityEnding:
         return found
 
     @property
+    def error_type(self) -> str:
+        """The type of the ApplicationError the attempt failed with ("" if none): the
+        outermost one (its causes are the exceptions it was raised from)."""
+        types = self.failure_types
+        return types[0] if types else ""
+
+    @property
     def failure_message(self) -> str:
         return self.failure.message if self.failure is not None else ""
 

@@ -293,7 +293,7 @@ async def test_provider_errors_are_retried_until_the_charge_succeeds(
         ("failed", True, 1),
         ("completed", True, 1),
     ]
-    assert [a.failure_types for a in attempts[:2]] == [[ErrorType.PROVIDER_UNAVAILABLE]] * 2
+    assert [a.error_type for a in attempts[:2]] == [ErrorType.PROVIDER_UNAVAILABLE] * 2
     assert regular_activities_scheduled(history.events) == ["notify_webhook"]
     backoffs = [
         event.timer_started_event_attributes.start_to_fire_timeout.ToTimedelta()
