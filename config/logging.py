@@ -247,7 +247,12 @@ def fold_into_attempt_line(
 
 class ActivityLoggingInterceptor(Interceptor):
     """Binds workflow id, run id, activity and attempt for every line an activity writes,
-    and writes one ``activity.attempt`` line per attempt with its outcome and duration."""
+    and writes one ``activity.attempt`` line per attempt with its outcome and duration.
+
+    Local activities (open_payment, charge_payment, record_outcome) pass through it as
+    regular ones do (``activity.info().is_local`` tells them apart); the charge's
+    attempts are separate local activities of one attempt each, so ``attempt`` is 1 and
+    the workflow's current details carry its own attempt count."""
 
     def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
         return _ActivityLogging(next)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
 from devstack.temporal_server import NAMESPACE
 from domain.payments import payment_workflow_id
 from tests.faults.stack import FaultStack, assert_settled
 from tests.helpers.eventually import wait_until
+from tests.helpers.history import charge_attempts
 
 pytestmark = pytest.mark.faults
 
@@ -26,40 +26,17 @@ PROVIDER_TIMEOUT_S = 10
 async def _charge_attempts_in_history(fs: FaultStack, key: str) -> list[str]:
     """How each charge attempt ended, in order, as support staff read the history.
 
-    The workflow runs one charge activity per attempt (it retries the charge itself, so
-    its current details can name the attempt and the last error).
+    The workflow runs one charge local activity per attempt (it retries the charge
+    itself, so its current details can name the attempt and the last error): each
+    attempt is a local-activity marker, its failure set when it failed.
     """
     client = await Client.connect(fs.stack.temporal_address, namespace=NAMESPACE)
     history = await client.get_workflow_handle(
         payment_workflow_id(fs.client.client_id, key)
     ).fetch_history()
-    charge_scheduled = {
-        event.event_id
-        for event in history.events
-        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
-        and event.activity_task_scheduled_event_attributes.activity_type.name == "charge_payment"
-    }
-    endings = {
-        EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED: (
-            "completed",
-            "activity_task_completed_event_attributes",
-        ),
-        EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED: (
-            "failed",
-            "activity_task_failed_event_attributes",
-        ),
-        EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT: (
-            "timed_out",
-            "activity_task_timed_out_event_attributes",
-        ),
-    }
-    outcomes = []
-    for event in history.events:
-        if event.event_type in endings:
-            outcome, attributes = endings[event.event_type]
-            if getattr(event, attributes).scheduled_event_id in charge_scheduled:
-                outcomes.append(outcome)
-    return outcomes
+    attempts = charge_attempts(history.events)
+    assert all(a.local and a.attempt == 1 for a in attempts), attempts
+    return [a.outcome for a in attempts]
 
 
 async def test_provider_500_500_200_charges_once_after_three_attempts(faults: FaultStack) -> None:

@@ -20,7 +20,8 @@ from tests.helpers.faultproxy import FaultProxy
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
-# A killed worker's charge is retried once its start-to-close timeout (30 s) passes.
+# A killed worker's charge (a local activity) is run again by the next worker once the
+# dead one's workflow task times out (10 s); within 90 s on a loaded machine.
 AFTER_KILL_S = 90
 
 

@@ -11,15 +11,18 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.exceptions import ApplicationError
-from temporalio.testing import ActivityEnvironment
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
+from temporalio.worker import Worker
 
 from activities import metrics
 from activities.payments import PaymentActivities
 from admin.clients import add_client
-from config.settings import Settings
+from config.logging import ActivityLoggingInterceptor, fold_into_attempt_line
+from config.settings import Settings, venv_bin
 from devstack.ports import free_port
 from devstack.webhook_receiver import WebhookReceiver
 from domain.payments import (
@@ -32,8 +35,10 @@ from domain.payments import (
     RecordOutcomeInput,
     payment_id_for,
 )
+from tests.helpers.history import charge_attempts
 from tests.helpers.provider import SandboxProvider
-from workflows.payment import WEBHOOK_RETRY, WEBHOOK_START_TO_CLOSE
+from tests.helpers.temporal import encrypting_data_converter, register_search_attributes
+from workflows.payment import WEBHOOK_RETRY, WEBHOOK_START_TO_CLOSE, PaymentWorkflow
 
 
 def _value(name: str, **labels: str) -> float:
@@ -157,6 +162,75 @@ async def test_charges_ledger_writes_and_outcomes_are_measured(
         )
         >= 2
     )
+
+
+async def test_a_payment_run_by_the_worker_measures_and_logs_its_local_charge(
+    activities: PaymentActivities,
+    sandbox_provider: SandboxProvider,
+    client_id: str,
+    webhook_receiver: WebhookReceiver,
+) -> None:
+    """The charge runs as a local activity inside the workflow task: its provider call
+    is still timed, and it still writes one ``activity.attempt`` line, as before."""
+    payment = _payment(client_id)
+    charges_ok = _value(
+        "payments_provider_call_duration_seconds_count", operation="charge", result="ok"
+    )
+    charged_before = (await sandbox_provider.stats())["charges_by_key"].get(payment.payment_id, 0)
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=venv_bin("temporal-test-server"),
+        data_converter=encrypting_data_converter(),
+    )
+    try:
+        await register_search_attributes(env.client)
+        task_queue = f"tq-{uuid.uuid4()}"
+        with structlog.testing.capture_logs(
+            processors=[structlog.contextvars.merge_contextvars, fold_into_attempt_line]
+        ) as captured:
+            async with Worker(
+                env.client,
+                task_queue=task_queue,
+                workflows=[PaymentWorkflow],
+                activities=[
+                    activities.open_payment,
+                    activities.charge_payment,
+                    activities.find_charge,
+                    activities.record_outcome,
+                    activities.notify_webhook,
+                ],
+                interceptors=[ActivityLoggingInterceptor()],
+            ):
+                handle = await env.client.start_workflow(
+                    PaymentWorkflow.run,
+                    payment,
+                    id=f"payment-{uuid.uuid4()}",
+                    task_queue=task_queue,
+                )
+                result = await handle.result()
+        history = await handle.fetch_history()
+    finally:
+        await env.shutdown()
+
+    assert result.status is PaymentStatus.SUCCEEDED
+    attempts = charge_attempts(history.events)
+    assert [(a.outcome, a.local) for a in attempts] == [("completed", True)]
+    assert (await sandbox_provider.stats())["charges_by_key"][payment.payment_id] == (
+        charged_before + 1
+    )
+    assert (
+        _value("payments_provider_call_duration_seconds_count", operation="charge", result="ok")
+        == charges_ok + 1
+    )
+    lines = [line for line in captured if line["event"] == "activity.attempt"]
+    assert [(line["activity"], line["outcome"], line["attempt"]) for line in lines] == [
+        ("open_payment", "completed", 1),
+        ("charge_payment", "completed", 1),
+        ("record_outcome", "completed", 1),
+        ("notify_webhook", "completed", 1),
+    ]
+    charge_line = lines[1]
+    assert charge_line["workflow_id"] == handle.id
+    assert charge_line["events"] == ["payment.charged"]
 
 
 async def test_an_undelivered_webhook_ages_from_its_first_attempt_until_delivered(

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from temporalio import workflow
+from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import WorkflowHistory
 from temporalio.converter import DataConverter
 from temporalio.worker import Replayer
@@ -27,10 +28,19 @@ from temporalio.workflow import NondeterminismError
 import workflows
 from config.codec import ENCODING
 from devstack.histories import replay_only_codec
+from tests.helpers.history import (
+    CHARGE,
+    ActivityEnding,
+    activity_endings,
+    charge_attempts,
+    patches_recorded,
+    regular_activities_scheduled,
+)
 from tests.replay.changed_workflows import (
     LookupBeforeChargeWorkflow,
     PatchedLookupBeforeChargeWorkflow,
 )
+from workflows.payment import CHARGE_AS_LOCAL_ACTIVITY_PATCH
 
 HISTORIES = Path(__file__).parent / "histories"
 ENCRYPTED_ENCODING = base64.b64encode(ENCODING).decode()
@@ -95,77 +105,89 @@ def test_every_payment_path_has_a_history() -> None:
     assert not missing, f"no history for {sorted(missing)}: run `make capture-histories`"
 
 
-def _activities_scheduled(path: Path) -> list[str]:
-    return [
-        e["activityTaskScheduledEventAttributes"]["activityType"]["name"]
-        for e in events(path)
-        if "activityTaskScheduledEventAttributes" in e
-    ]
+# Each generation of histories is kept as long as runs of its code may still be open
+# (docs/changing-workflows.md): the suffix before ``.json`` names the generation.
+BEFORE_LOCAL_CHARGE = ".before-charge-as-local-activity"
+GENERATIONS = {
+    # suffix: (the charge is a local activity, the patches its runs recorded)
+    "": (True, [CHARGE_AS_LOCAL_ACTIVITY_PATCH]),
+    BEFORE_LOCAL_CHARGE: (False, []),
+}
 
 
-def _max_attempt(path: Path, activity_type: str) -> int:
-    """The highest attempt of an activity type, as the history records it."""
-    scheduled = {
-        e["eventId"]: e["activityTaskScheduledEventAttributes"]["activityType"]["name"]
-        for e in events(path)
-        if "activityTaskScheduledEventAttributes" in e
-    }
-    attempts = [
-        int(attrs.get("attempt", 1))
-        for e in events(path)
-        if (attrs := e.get("activityTaskStartedEventAttributes"))
-        and scheduled.get(attrs["scheduledEventId"]) == activity_type
-    ]
-    return max(attempts, default=0)
-
-
-def _failure_types(path: Path) -> set[str]:
-    """ApplicationError types of failed activity attempts, through each failure's causes."""
-    types: set[str] = set()
-    for e in events(path):
-        failure = e.get("activityTaskFailedEventAttributes", {}).get("failure")
-        while failure:
-            if "applicationFailureInfo" in failure:
-                types.add(failure["applicationFailureInfo"].get("type", ""))
-            failure = failure.get("cause")
-    return types
-
-
-def _history(scenario: str) -> Path:
-    path = HISTORIES / f"{scenario}.json"
+def _history(scenario: str, generation: str = "") -> Path:
+    path = HISTORIES / f"{scenario}{generation}.json"
     assert path.exists(), f"{path.name} missing: run `make capture-histories`"
     return path
 
 
-def test_each_history_took_the_path_it_is_named_for() -> None:
+def _events(path: Path) -> list[HistoryEvent]:
+    return list(load(path).events)
+
+
+def _endings(path: Path, activity_type: str) -> list[ActivityEnding]:
+    return [e for e in activity_endings(_events(path)) if e.activity_type == activity_type]
+
+
+def _failure_types(path: Path) -> set[str]:
+    """ApplicationError types of failed activity attempts (regular and local)."""
+    return {t for e in activity_endings(_events(path)) for t in e.failure_types}
+
+
+@pytest.mark.parametrize("generation", sorted(GENERATIONS), ids=lambda g: g or "current")
+def test_each_history_took_the_path_it_is_named_for(generation: str) -> None:
     """A recapture that silently missed its fault would leave a path untested.
 
     The workflow retries the charge itself: each charge attempt is an activity of its
-    own (a first attempt for the server), so attempts are counted as scheduled charges.
+    own (one attempt each), a local activity since the patch ``charge-as-local-activity``
+    (a marker in the history), a regular one before it. Attempts are read in both forms.
     """
-    assert _activities_scheduled(_history("success")) == ["charge_payment", "notify_webhook"]
-    assert _max_attempt(_history("success"), "charge_payment") == 1
+    local, patches = GENERATIONS[generation]
+    on_queue = [] if local else [CHARGE]  # the charge on the task queue, per attempt
 
-    assert "PaymentDeclined" in _failure_types(_history("decline"))
-    assert _activities_scheduled(_history("decline")).count("charge_payment") == 1
+    success = _history("success", generation)
+    assert [(e.activity_type, e.outcome, e.local) for e in activity_endings(_events(success))] == [
+        ("open_payment", "completed", True),
+        (CHARGE, "completed", local),
+        ("record_outcome", "completed", True),
+        ("notify_webhook", "completed", False),
+    ]
+    assert [a.attempt for a in charge_attempts(_events(success))] == [1]
+    assert regular_activities_scheduled(_events(success)) == [*on_queue, "notify_webhook"]
+    for scenario in PAYMENT_SCENARIOS:
+        assert patches_recorded(_events(_history(scenario, generation))) == patches, scenario
 
-    retried = _activities_scheduled(_history("provider_retries"))
-    assert retried == ["charge_payment"] * 3 + ["notify_webhook"]
-    assert "ProviderUnavailable" in _failure_types(_history("provider_retries"))
-    assert "PaymentDeclined" not in _failure_types(_history("provider_retries"))
+    decline = _history("decline", generation)
+    assert [(a.outcome, a.local) for a in charge_attempts(_events(decline))] == [("failed", local)]
+    assert "PaymentDeclined" in _failure_types(decline)
 
-    unknown = _activities_scheduled(_history("unknown_outcome_lookup"))
-    charges = unknown.count("charge_payment")
-    assert charges > 1
-    assert unknown == ["charge_payment"] * charges + ["find_charge", "notify_webhook"]
+    retried = _history("provider_retries", generation)
+    attempts = charge_attempts(_events(retried))
+    assert [(a.outcome, a.local) for a in attempts] == [("failed", local)] * 2 + [
+        ("completed", local)
+    ]
+    assert [a.error_type for a in attempts[:2]] == ["ProviderUnavailable"] * 2
+    assert "PaymentDeclined" not in _failure_types(retried)
+    assert regular_activities_scheduled(_events(retried)) == on_queue * 3 + ["notify_webhook"]
 
-    assert _max_attempt(_history("webhook_retry"), "notify_webhook") >= 3
+    unknown = _history("unknown_outcome_lookup", generation)
+    attempts = charge_attempts(_events(unknown))
+    assert len(attempts) > 1
+    assert {(a.outcome, a.local) for a in attempts} <= {("failed", local), ("timed_out", local)}
+    assert regular_activities_scheduled(_events(unknown)) == on_queue * len(attempts) + [
+        "find_charge",
+        "notify_webhook",
+    ]
+    assert _endings(unknown, "find_charge")[-1].outcome == "completed"
+
+    webhooks = _endings(_history("webhook_retry", generation), "notify_webhook")
+    assert max(e.attempt for e in webhooks) >= 3
 
     if any(cls.__name__ == "RefundWorkflow" for cls in todays_workflows()):
         for scenario, amount in (("refund_full", 1250), ("refund_partial", 500)):
-            refund = HISTORIES / f"{scenario}.refund.json"
+            refund = HISTORIES / f"{scenario}.refund{generation}.json"
             assert refund.exists(), f"{refund.name} missing: run `make capture-histories`"
-            assert "refund_at_provider" in _activities_scheduled(refund)
+            assert "refund_at_provider" in regular_activities_scheduled(_events(refund))
             started = events(refund)[0]["workflowExecutionStartedEventAttributes"]
             indexed = started["searchAttributes"]["indexedFields"]
             amount_sa = json.loads(base64.b64decode(indexed["AmountMinor"]["data"]))
@@ -181,15 +203,26 @@ def test_histories_hold_no_payload_in_clear() -> None:
             assert payload["metadata"]["encoding"] == ENCRYPTED_ENCODING, path.name
 
 
-async def test_guard_an_unpatched_change_fails_to_replay_an_old_history() -> None:
+# Where the change's find_charge meets the old history: the charge activity before the
+# patch, the patch's marker since.
+UNPATCHED_CHANGE_FAILS_AT = {
+    "": "patch marker encountered for change charge-as-local-activity, but there is no "
+    "corresponding change command",
+    BEFORE_LOCAL_CHARGE: "find_charge",
+}
+
+
+@pytest.mark.parametrize("generation", sorted(GENERATIONS), ids=lambda g: g or "current")
+async def test_guard_an_unpatched_change_fails_to_replay_an_old_history(generation: str) -> None:
     replayer = Replayer(workflows=[LookupBeforeChargeWorkflow], data_converter=data_converter())
-    with pytest.raises(NondeterminismError, match="find_charge"):
-        await replayer.replay_workflow(load(_history("success")))
+    with pytest.raises(NondeterminismError, match=UNPATCHED_CHANGE_FAILS_AT[generation]):
+        await replayer.replay_workflow(load(_history("success", generation)))
 
 
-async def test_guard_the_same_change_behind_a_patch_replays_cleanly() -> None:
+@pytest.mark.parametrize("generation", sorted(GENERATIONS), ids=lambda g: g or "current")
+async def test_guard_the_same_change_behind_a_patch_replays_cleanly(generation: str) -> None:
     replayer = Replayer(
         workflows=[PatchedLookupBeforeChargeWorkflow], data_converter=data_converter()
     )
-    result = await replayer.replay_workflow(load(_history("success")))
+    result = await replayer.replay_workflow(load(_history("success", generation)))
     assert result.replay_failure is None

@@ -9,9 +9,13 @@ UI then decodes through the endpoint from the browser, across origins (CORS).
 
 A payment is made over the API; the test searches the UI for its idempotency key
 (and for its provider charge id), opens it and checks that the summary and the
-charge activity are on screen, decoded. It also shows a declined payment and a
-charge the provider keeps failing, as docs/support.md describes them, and that
-without signing in the UI shows nothing decoded.
+charge are on screen, decoded. It also shows a declined payment and a charge the
+provider keeps failing, as docs/support.md describes them, and that without
+signing in the UI shows nothing decoded.
+
+Each charge attempt is a local activity: the Timeline shows it as a marker named
+``charge_payment`` (no summary, no colour for a failure); *Event History* has a
+*Local Activity* row per attempt with its summary, and expanded, its *Failure*.
 
 Each step leaves a screenshot in pytest's temporary directory; with
 ``UPDATE_DOCS_IMAGES=1`` they go to ``docs/images/`` instead, which is how the
@@ -35,7 +39,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Page, Response, async_playwright, expect
+from playwright.async_api import Browser, Locator, Page, Response, async_playwright, expect
 from playwright.async_api import Error as PlaywrightError
 from temporalio.client import Client, WorkflowExecutionStatus
 
@@ -44,6 +48,7 @@ from devstack.stack import REPO_ROOT, Stack, StackConfig
 from devstack.temporal_server import NAMESPACE
 from domain.payments import payment_workflow_id
 from tests.helpers.eventually import wait_until
+from tests.helpers.history import charge_attempts
 from tests.helpers.provider import SandboxProvider
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -109,7 +114,7 @@ class UIStack:
     async def failed_charges(self, workflow_id: str) -> int:
         """Charge attempts that failed so far (the workflow retries them itself)."""
         history = await self.temporal.get_workflow_handle(workflow_id).fetch_history()
-        return sum(e.HasField("activity_task_failed_event_attributes") for e in history.events)
+        return sum(a.outcome == "failed" for a in charge_attempts(history.events))
 
     async def shot(self, page: Page, name: str, *, full_page: bool = False) -> None:
         await page.screenshot(path=self.shots / name, full_page=full_page)
@@ -189,6 +194,16 @@ async def expect_metadata(page: Page, text: str) -> None:
     await wait_until(shown, within=20, interval=0.25)
 
 
+def local_activity_rows(page: Page, activity_type: str) -> Locator:
+    """Event History's collapsed rows of a local activity (one per execution)."""
+    return (
+        page.get_by_role("row")
+        .filter(has_text="Local Activity")
+        .filter(has_text=activity_type)
+        .filter(has=page.get_by_role("button", name="Expand details"))
+    )
+
+
 def _payment_body(response: httpx.Response) -> dict[str, Any]:
     body: dict[str, Any] = response.json()
     return body
@@ -213,17 +228,22 @@ async def test_support_finds_a_payment_by_key_and_reads_its_summary_and_charge(
     await expect(page.get_by_text("1 Workflow", exact=True)).to_be_visible()
     await ui.shot(page, "ui-search-by-key.png")
 
-    # Open it: the charge activity, with its summary, is on the timeline.
+    # Open it: the charge (a local activity: a marker, named by its type) and the
+    # webhook activity, with its summary, are on the timeline.
     await row.click()
     await page.get_by_role("tab", name="Timeline").click()
-    await expect(
-        page.get_by_text("charge_payment • Charge 12.50 EUR at the provider", exact=True)
-    ).to_be_visible()
+    await expect(page.get_by_text("charge_payment", exact=True)).to_be_visible()
     await expect(
         page.get_by_text("notify_webhook • Send the payment.succeeded webhook")
     ).to_be_visible()
     await expect(page.get_by_text(payment["provider_charge_id"]).first).to_be_visible()
     await ui.shot(page, "ui-payment-timeline.png", full_page=True)
+
+    # Event History has the charge's row, with its summary (decoded).
+    await page.get_by_test_id("history-tab").click()
+    charge = local_activity_rows(page, "charge_payment")
+    await expect(charge).to_have_count(1)
+    await expect(charge).to_contain_text("Charge 12.50 EUR at the provider")
 
     # The static summary and details read like sentences.
     await page.get_by_test_id("user-metadata-tab").click()
@@ -255,14 +275,16 @@ async def test_support_sees_why_a_payment_was_declined(ui: UIStack, page: Page) 
     await page.goto(ui.workflows_url(query))
     await page.get_by_role("link", name=workflow_id).click()
     await page.get_by_test_id("history-tab").click()
-    # The failed charge attempt carries the provider's words; expanded, its failure is
-    # a PaymentDeclined the activity marked non-retryable: the workflow never retries it.
-    failed = page.get_by_role("row").filter(has_text="Activity Task Failed").first
-    await expect(failed).to_contain_text("Your card was declined.")
-    await failed.get_by_role("button", name="Expand details").click()
-    await expect(page.get_by_text("charge_payment", exact=True).first).to_be_visible()
-    await expect(page.get_by_text("RETRY_STATE_NON_RETRYABLE_FAILURE").first).to_be_visible()
+    # One charge attempt, and no backoff timer after it: a decline is never retried.
+    # Expanded, the attempt's Failure carries the provider's words.
+    charge = local_activity_rows(page, "charge_payment")
+    await expect(charge).to_have_count(1)
+    await expect(page.get_by_text("Back off before charge attempt")).to_have_count(0)
+    await charge.get_by_role("button", name="Expand details").click()
+    await expect(page.get_by_text("Failure", exact=True).first).to_be_visible()
+    await expect(page.get_by_text("Your card was declined.").first).to_be_visible()
     assert await ui.failed_charges(workflow_id) == 1, "a decline is never retried"
+    await page.get_by_text("Failure", exact=True).first.scroll_into_view_if_needed()
     await ui.shot(page, "ui-declined-history.png", full_page=True)
 
 
@@ -281,15 +303,22 @@ async def test_support_sees_what_a_payment_is_waiting_for(ui: UIStack, page: Pag
         await wait_until(lambda: ui.failed_charges(workflow_id), within=20)
         await page.goto(ui.workflows_url(f'IdempotencyKey="{key}"'))
         await page.get_by_role("link", name=workflow_id).click()
-        # Each charge attempt is on the timeline (the UI reopens the last tab used).
+        # Each charge attempt is on the timeline, a backoff timer after each failed one
+        # (the UI reopens the last tab used).
         await page.get_by_role("tab", name="Timeline").click()
-        await expect(
-            page.get_by_text("charge_payment • Charge 12.50 EUR at the provider", exact=True)
-        ).to_be_visible()
-        # Each failed attempt carries the provider's words in the history.
+        await expect(page.get_by_text("charge_payment", exact=True).first).to_be_visible()
+        await expect(page.get_by_text("Back off before charge attempt 2").first).to_be_visible()
+        # In the history, each attempt is a row with its summary; expanded, a failed
+        # attempt carries the provider's words.
         await page.get_by_test_id("history-tab").click()
-        failed = page.get_by_role("row").filter(has_text="Activity Task Failed").first
-        await expect(failed).to_contain_text("provider answered 500")
+        first = local_activity_rows(page, "charge_payment").filter(has_not_text="(attempt")
+        await expect(first).to_have_count(1)
+        await expect(
+            local_activity_rows(page, "charge_payment").filter(has_text="(attempt 2)")
+        ).to_have_count(1)
+        await first.get_by_role("button", name="Expand details").click()
+        await expect(page.get_by_text("Failure", exact=True).first).to_be_visible()
+        await expect(page.get_by_text("provider answered 500").first).to_be_visible()
         await ui.shot(page, "ui-retrying-charge.png", full_page=True)
 
         # The current details say which attempt it is at and what went wrong last.
@@ -323,7 +352,9 @@ async def test_without_signing_in_the_ui_decodes_nothing(ui: UIStack) -> None:
         await use_codec_with_credentials(ui, page)
         await page.goto(ui.workflows_url(f'IdempotencyKey="{key}"'))
         await page.get_by_role("link", name=workflow_id).click()
-        await expect(page.get_by_text("charge_payment").first).to_be_visible()
+        # The history's charge row is there, its summary (decoded for staff) is not.
+        await page.get_by_test_id("history-tab").click()
+        await expect(local_activity_rows(page, "charge_payment")).to_have_count(1)
         await wait_until(lambda: statuses, within=20)
         assert set(statuses) == {401}, statuses
         await expect(page.get_by_text("Charge 12.50 EUR at the provider")).to_have_count(0)

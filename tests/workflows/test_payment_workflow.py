@@ -6,6 +6,7 @@ and count what the workflow asked of them.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -14,8 +15,14 @@ from typing import Any
 
 import pytest
 from temporalio import activity
+from temporalio.api.enums.v1 import EventType
 from temporalio.api.sdk.v1 import WorkflowMetadata
-from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+)
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
@@ -39,8 +46,18 @@ from domain.payments import (
     RecordOutcomeInput,
 )
 from tests.helpers.eventually import wait_until
+from tests.helpers.history import (
+    activity_endings,
+    charge_attempts,
+    patches_recorded,
+    regular_activities_scheduled,
+)
 from tests.helpers.temporal import encrypting_data_converter, register_search_attributes
-from workflows.payment import AWAIT_OUTCOME_UPDATE, PaymentWorkflow
+from workflows.payment import (
+    AWAIT_OUTCOME_UPDATE,
+    CHARGE_AS_LOCAL_ACTIVITY_PATCH,
+    PaymentWorkflow,
+)
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +89,18 @@ class FakeProviderAndLedger:
     # What a lookup by idempotency key finds once the charge budget is spent.
     charge_found_by_lookup: str | None = None
     lookups: int = 0
+    # The ledger holds this key with another request (Temporal forgot the first run).
+    key_taken_in_ledger: bool = False
 
     def activities(self) -> list[Callable[..., Any]]:
         @activity.defn(name="open_payment")
         async def open_payment(input: OpenPaymentInput) -> Payment:
+            if self.key_taken_in_ledger:
+                raise ApplicationError(
+                    "this idempotency key was already used with a different request",
+                    type=ErrorType.IDEMPOTENCY_KEY_REUSED,
+                    non_retryable=True,
+                )
             self.opened[input.payment.payment_id] = input.payment
             return _processing(input.payment)
 
@@ -195,6 +220,41 @@ async def test_successful_payment_charges_once_records_and_notifies(
     assert [w.event_type for w in fakes.webhooks_delivered] == ["payment.succeeded"]
 
 
+async def test_open_charge_and_record_run_in_one_workflow_task(env: WorkflowEnvironment) -> None:
+    fakes = FakeProviderAndLedger()
+    payment = _payment_input()
+    worker, handle = await _start(env.client, fakes, payment)
+    async with worker:
+        result = await handle.result()
+    assert result.status is PaymentStatus.SUCCEEDED
+
+    # Up to the webhook, one workflow task did everything: the three local activities
+    # (markers), the charge's patch marker with the SDK's TemporalChangeVersion upsert,
+    # then the outcome's search attributes. No charge activity on the task queue.
+    history = await handle.fetch_history()
+    names = [EventType.Name(e.event_type).removeprefix("EVENT_TYPE_") for e in history.events]
+    webhook_at = names.index("ACTIVITY_TASK_SCHEDULED")
+    assert names[:webhook_at] == [
+        "WORKFLOW_EXECUTION_STARTED",
+        "WORKFLOW_TASK_SCHEDULED",
+        "WORKFLOW_TASK_STARTED",
+        "WORKFLOW_TASK_COMPLETED",
+        "MARKER_RECORDED",  # open_payment
+        "MARKER_RECORDED",  # the patch
+        "UPSERT_WORKFLOW_SEARCH_ATTRIBUTES",  # TemporalChangeVersion
+        "MARKER_RECORDED",  # charge_payment
+        "MARKER_RECORDED",  # record_outcome
+        "UPSERT_WORKFLOW_SEARCH_ATTRIBUTES",  # PaymentStatus, ProviderChargeId
+    ], names
+    assert [(e.activity_type, e.outcome, e.local) for e in activity_endings(history.events)] == [
+        ("open_payment", "completed", True),
+        ("charge_payment", "completed", True),
+        ("record_outcome", "completed", True),
+        ("notify_webhook", "completed", False),
+    ]
+    assert patches_recorded(history.events) == [CHARGE_AS_LOCAL_ACTIVITY_PATCH]
+
+
 async def test_decline_ends_failed_with_failure_code_and_no_retry(
     env: WorkflowEnvironment,
 ) -> None:
@@ -223,17 +283,18 @@ async def test_provider_errors_are_retried_until_the_charge_succeeds(
     assert result.status is PaymentStatus.SUCCEEDED
     assert fakes.charge_attempts == 3
     assert len(fakes.charges) == 1
-    # The workflow retries the charge itself: one activity per attempt, each a first
-    # attempt for the server, with a backoff timer between them.
+    # The workflow retries the charge itself: one local activity per attempt (each one
+    # attempt only, as its marker says), with a backoff timer between them; nothing
+    # of the charge goes through the task queue.
     history = await handle.fetch_history()
-    charges_scheduled = [
-        event.activity_task_scheduled_event_attributes
-        for event in history.events
-        if event.HasField("activity_task_scheduled_event_attributes")
-        and event.activity_task_scheduled_event_attributes.activity_type.name == "charge_payment"
+    attempts = charge_attempts(history.events)
+    assert [(a.outcome, a.local, a.attempt) for a in attempts] == [
+        ("failed", True, 1),
+        ("failed", True, 1),
+        ("completed", True, 1),
     ]
-    assert len(charges_scheduled) == 3
-    assert all(s.retry_policy.maximum_attempts == 1 for s in charges_scheduled)
+    assert [a.error_type for a in attempts[:2]] == [ErrorType.PROVIDER_UNAVAILABLE] * 2
+    assert regular_activities_scheduled(history.events) == ["notify_webhook"]
     backoffs = [
         event.timer_started_event_attributes.start_to_fire_timeout.ToTimedelta()
         for event in history.events
@@ -328,6 +389,30 @@ async def test_attach_with_a_different_body_is_rejected_and_changes_nothing(
     assert rejected.value.cause.type == ErrorType.IDEMPOTENCY_KEY_REUSED
     assert result.status is PaymentStatus.SUCCEEDED
     assert fakes.charge_attempts == 1
+
+
+async def test_a_key_the_ledger_holds_for_another_request_is_refused(
+    env: WorkflowEnvironment,
+) -> None:
+    # The ledger's refusal is a local activity's failure: it reaches the workflow
+    # unwrapped, not as an ActivityError, and must still be read as a refusal.
+    fakes = FakeProviderAndLedger(key_taken_in_ledger=True)
+    payment = _payment_input()
+    worker, handle = await _start(env.client, fakes, payment)
+    async with worker:
+        # Read as anything else, the refusal would leave the attach waiting for ever.
+        with pytest.raises(WorkflowUpdateFailedError) as refused:
+            async with asyncio.timeout(30):
+                await _attach(handle, "first-request", payment.request_fingerprint)
+        with pytest.raises(WorkflowFailureError) as failed:
+            await handle.result()
+
+    assert isinstance(refused.value.cause, ApplicationError)
+    assert refused.value.cause.type == ErrorType.IDEMPOTENCY_KEY_REUSED
+    assert isinstance(failed.value.cause, ApplicationError)
+    assert failed.value.cause.type == ErrorType.IDEMPOTENCY_KEY_REUSED
+    assert fakes.charge_attempts == 0
+    assert fakes.recorded == []
 
 
 async def test_an_unanswered_charge_is_resolved_by_looking_it_up(env: WorkflowEnvironment) -> None:
