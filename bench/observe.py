@@ -336,6 +336,13 @@ def billable_actions(events: list[Any]) -> int:
     return actions + len(local_activity_tasks)
 
 
+async def running_payment_workflows(address: str, namespace: str) -> int:
+    """Payment workflows still open (visibility: may lag by a moment, fine for waiting)."""
+    client = await Client.connect(address, namespace=namespace)
+    count = await client.count_workflows('WorkflowType="Payment" AND ExecutionStatus="Running"')
+    return count.count
+
+
 async def sample_histories(
     address: str, namespace: str, workflow_ids: list[str], concurrency: int = 8
 ) -> HistoryStats:
