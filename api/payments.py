@@ -99,6 +99,20 @@ def summary_for(client_name: str, key: str, request: PaymentRequest) -> str:
     return f"Charge {amount} for client {client_name}, key {key}"
 
 
+def _payment_input(
+    client_id: str, key: str, request: PaymentRequest, origin_request_id: str
+) -> PaymentInput:
+    """The run's input, as the request whose start created it sent it."""
+    return PaymentInput(
+        payment_id=payment_id_for(client_id, key),
+        client_id=client_id,
+        idempotency_key=key,
+        request=request,
+        request_fingerprint=request.fingerprint(),
+        origin_request_id=origin_request_id,
+    )
+
+
 class PaymentService:
     def __init__(
         self,
@@ -198,14 +212,7 @@ class PaymentService:
 
         request_id = uuid.uuid4().hex
         workflow_id = payment_workflow_id(client_id, key)
-        payment_input = PaymentInput(
-            payment_id=payment_id_for(client_id, key),
-            client_id=client_id,
-            idempotency_key=key,
-            request=request,
-            request_fingerprint=fingerprint,
-            origin_request_id=request_id,
-        )
+        payment_input = _payment_input(client_id, key, request, request_id)
         try:
             async with asyncio.timeout(wait_seconds):
                 await self._temporal.start_workflow(
@@ -327,16 +334,8 @@ class PaymentService:
         if not origin.running:
             # A closed run that never opened its row (failed or terminated before it).
             return await self._closed_run_answer(client_id, key, fingerprint)
-        payment_input = PaymentInput(
-            payment_id=payment_id_for(client_id, key),
-            client_id=client_id,
-            idempotency_key=key,
-            # The same fingerprint: this request's body is the run's.
-            request=request,
-            request_fingerprint=fingerprint,
-            origin_request_id=origin.request_id,
-        )
-        stored = await self._open_row(payment_input)
+        # The same fingerprint: this request's body is the run's.
+        stored = await self._open_row(_payment_input(client_id, key, request, origin.request_id))
         return PaymentAnswer(stored.payment, replayed=origin.request_id != request_id)
 
     async def _run_origin(self, workflow_id: str) -> _RunOrigin | None:
