@@ -121,10 +121,20 @@ class FaultStack:
         if stack.worker_env or not stack.worker.running:
             stack.worker_env.clear()
             await stack.restart_worker()
+        if stack.api.running and not await self._api_answers():
+            # Still draining after a SIGTERM (a test that failed before it ended): let it
+            # exit, or every later test meets a dead API.
+            await stack.api.terminate(grace=15)
         if not stack.api.running:
             stack.api.start()
             await stack.api.wait_ready(self._api_healthy, within=30, what="answering /healthz")
         await self.provider.clear_faults()
+
+    async def _api_answers(self) -> bool:
+        try:
+            return await self._api_healthy()
+        except httpx.TransportError:
+            return False
 
     async def _api_healthy(self) -> bool:
         async with httpx.AsyncClient(timeout=2) as http:
