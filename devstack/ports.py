@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import socket
 
+# Ports this process has handed out. A port is free only until someone binds it, and
+# a stack asks for a dozen before it starts anything: the kernel can offer a released
+# port again, and once gave the webhook receiver the Temporal server's HTTP port.
+_handed_out: set[int] = set()
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port nothing listens on now, never one this process handed out before."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port: int = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def port_in_use(host: str, port: int) -> bool:

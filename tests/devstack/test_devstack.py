@@ -108,3 +108,8 @@ def test_make_run_refuses_a_taken_port_and_names_it(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"api port {port}" in result.stderr
     assert not (tmp_path / "postgres").exists(), "nothing was started"
+
+
+def test_free_ports_are_never_handed_out_twice() -> None:
+    ports = [free_port() for _ in range(500)]
+    assert len(set(ports)) == len(ports)
