@@ -37,6 +37,7 @@ class Record:
     payment_status: str | None
     payment_id: str | None
     attempt: int = 1  # >1: a retry after a 503 or 429, as a well-behaved client sends
+    problem: str | None = None  # an error's problem type, the last part of its URI
 
 
 @dataclass
@@ -100,6 +101,7 @@ async def _drive(
         sent_at = time.time()
         started = time.perf_counter()
         status, replayed, payment_status, payment_id = 0, False, None, None
+        problem: str | None = None
         retry_after = 1.0
         try:
             response = await conn.request(raw)
@@ -110,6 +112,7 @@ async def _drive(
                 payment_status, payment_id = body.get("status"), body.get("id")
             else:
                 retry_after = float(response.headers.get("retry-after", "1") or 1)
+                problem = _problem_type(response.body)
                 sample(str(status), f"{status} {response.body[:300]!r}")
         except HttpError as err:
             sample("connection", f"connection: {err}")
@@ -118,7 +121,7 @@ async def _drive(
             progress[base + ERRORS] += 1
         result.records.append(
             Record(key.index, str(kind), status, latency, sent_at, replayed,
-                   payment_status, payment_id, attempt)
+                   payment_status, payment_id, attempt, problem)
         )  # fmt: skip
         if status in (0, 429, 503) and attempt <= retries:
             # The same key again, later: the API says that is safe. Not yet finished.
@@ -147,6 +150,15 @@ async def _drive(
     await asyncio.gather(*(worker() for _ in range(workers)))
     result.wall_seconds = time.perf_counter() - started
     return result
+
+
+def _problem_type(body: bytes) -> str | None:
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return None
+    kind = answer.get("type") if isinstance(answer, dict) else None
+    return kind.rsplit("/", 1)[-1] if isinstance(kind, str) else None
 
 
 def generator_main(

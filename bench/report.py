@@ -53,7 +53,14 @@ def statuses(records: Iterable[Record]) -> dict[str, int]:
 
 
 def errors(records: Iterable[Record]) -> dict[str, int]:
-    return {k: v for k, v in statuses(records).items() if k not in ("200", "201", "202")}
+    """Error answers by status and problem type ("503 payments-backlog-full"): one 503
+    is a full backlog, another an unreachable ledger, and they call for different fixes."""
+    counts = Counter(
+        "connection_error" if r.status == 0 else f"{r.status} {r.problem or '?'}"
+        for r in records
+        if r.status not in (200, 201, 202)
+    )
+    return dict(sorted(counts.items()))
 
 
 def fmt(value: Any, unit: str = "") -> str:

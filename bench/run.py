@@ -612,7 +612,7 @@ def summarise(report: dict[str, Any]) -> tuple[str, str]:
          f"{fmt(pps)}  (all in ledger after {storm['duration_seconds']} s, "
          f"workflows closed after {storm.get('workflows_closed_seconds')} s)"),
         ("HTTP statuses", json.dumps(storm["http_statuses"])),
-        ("errors by status", json.dumps(storm["errors_by_status"]) or "none"),
+        ("errors by status and type", json.dumps(storm["errors_by_status"]) or "none"),
         ("retries sent after 503/429 / keys never accepted",
          f"{storm['retries_sent']} / {storm['keys_never_accepted']}"),
     ]  # fmt: skip
