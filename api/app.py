@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from api.access_log import AccessLogMiddleware
 from api.auth import ApiKeyAuthenticator
+from api.backlog import BacklogGate, processing_counter
 from api.codec_server import create_codec_app
 from api.limits import BodyLimitMiddleware
 from api.metrics import install_metrics
@@ -44,14 +45,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.authenticator = ApiKeyAuthenticator(sessions, settings.api_key_cache_seconds)
         outcomes = OutcomeListener(settings.database_url)
         await outcomes.start()
+        backlog = BacklogGate(processing_counter(sessions), settings.api_max_processing_payments)
         app.state.payments = PaymentService(
-            sessions, temporal, settings.temporal_task_queue, outcomes=outcomes
+            sessions, temporal, settings.temporal_task_queue, outcomes=outcomes, backlog=backlog
         )
         app.state.rate_limiter = RateLimiter(
             settings.api_rate_limit_per_second, settings.api_rate_limit_burst
         )
         app.state.refunds = RefundService(sessions, temporal, settings.temporal_task_queue)
         yield
+        await backlog.close()
         await outcomes.stop()
         await engine.dispose()
 

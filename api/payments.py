@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import uuid
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -38,8 +39,10 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from api.backlog import BacklogFull, BacklogGate
 from api.problems import (
     Problem,
+    backlog_full,
     database_unavailable,
     idempotency_key_reused,
     temporal_unavailable,
@@ -75,6 +78,16 @@ DESCRIBE_TIMEOUT = timedelta(seconds=2)
 # While the ledger's listener is disconnected, a waiting duplicate re-reads the row
 # this often on its own (the listener wakes every waiter when it is back).
 LEDGER_POLL_SECONDS = 1.0
+
+
+class _Start(enum.Enum):
+    CREATED = "created"  # this request's start created the run
+    EXISTS = "exists"  # a run with this key was started before (by a duplicate)
+    UNCONFIRMED = "unconfirmed"  # the server did not answer within the wait
+
+
+async def _no_count() -> int:
+    return 0
 
 
 @dataclass(frozen=True)
@@ -121,8 +134,10 @@ class PaymentService:
         task_queue: str,
         *,
         outcomes: OutcomeListener | None = None,
+        backlog: BacklogGate | None = None,
     ) -> None:
         self._sessions = sessions
+        self._backlog = backlog or BacklogGate(_no_count, 0)
         self._temporal = temporal
         self._task_queue = task_queue
         self._outcomes = outcomes
@@ -211,14 +226,49 @@ class PaymentService:
             )
 
         request_id = uuid.uuid4().hex
-        workflow_id = payment_workflow_id(client_id, key)
         payment_input = _payment_input(client_id, key, request, request_id)
+        opened: StoredPayment | None = None
+        try:
+            # A place in the backlog is held until this request's row is open, and only
+            # by a request that may start a run: waiting for the outcome takes none.
+            async with self._backlog.admission(deadline - asyncio.get_running_loop().time()):
+                start = await self._start_run(payment_input, client_name, wait_seconds)
+                if start is _Start.CREATED:
+                    # This request's start created the run: open its row now rather than
+                    # when a worker gets to it, so duplicates, GET and a 202 need nothing
+                    # from Temporal however far behind the workers are. The run's own
+                    # open finds the row.
+                    opened = await self._open_row(payment_input)
+        except BacklogFull as full:
+            # Another request with this key may have got in meanwhile.
+            stored = await self._stored(client_id, key)
+            if stored is None:
+                raise backlog_full(full.retry_after, full.queued) from full
+            if stored.request_fingerprint != fingerprint:
+                raise idempotency_key_reused() from full
+            return PaymentAnswer(stored.payment, replayed=True)
+        if start is _Start.UNCONFIRMED:
+            return await self._answer_without_outcome(client_id, key, request, request_id)
+        return await self._await_outcome(
+            changes,
+            (client_id, key),
+            request,
+            request_id if start is _Start.CREATED else None,
+            deadline,
+            opened,
+        )
+
+    async def _start_run(
+        self, payment_input: PaymentInput, client_name: str, wait_seconds: float
+    ) -> _Start:
+        request = payment_input.request
+        client_id, key = payment_input.client_id, payment_input.idempotency_key
         try:
             async with asyncio.timeout(wait_seconds):
                 await self._temporal.start_workflow(
                     PaymentWorkflow.run,
                     payment_input,
-                    id=workflow_id,
+                    id=payment_workflow_id(client_id, key),
                     task_queue=self._task_queue,
                     # Both explicit. FAIL tells this request whether its start created the
                     # run; a request that finds one running (or closed: never started
@@ -236,7 +286,10 @@ class PaymentService:
                             SearchAttributePair(search_attributes.CURRENCY, request.currency),
                         ]
                     ),
-                    memo={ORIGIN_REQUEST_MEMO: request_id, ORIGIN_FINGERPRINT_MEMO: fingerprint},
+                    memo={
+                        ORIGIN_REQUEST_MEMO: payment_input.origin_request_id,
+                        ORIGIN_FINGERPRINT_MEMO: payment_input.request_fingerprint,
+                    },
                     static_summary=summary_for(client_name, key, request),
                     static_details=(
                         f"Payment {payment_input.payment_id}\n"
@@ -246,16 +299,12 @@ class PaymentService:
                 )
         except TimeoutError:
             # Out of patience before the server answered: the run may or may not exist.
-            return await self._answer_without_outcome(client_id, key, request, request_id)
+            return _Start.UNCONFIRMED
         except WorkflowAlreadyStartedError:
-            return await self._await_outcome(
-                changes, (client_id, key), request, None, deadline, None
-            )
+            return _Start.EXISTS
         except RPCError as exc:
             if exc.status == RPCStatusCode.ALREADY_EXISTS:
-                return await self._await_outcome(
-                    changes, (client_id, key), request, None, deadline, None
-                )
+                return _Start.EXISTS
             if exc.status in _TRANSIENT_RPC:
                 raise temporal_unavailable(exc) from exc
             raise
@@ -264,13 +313,7 @@ class PaymentService:
             if "Failed client connect" in str(exc):
                 raise temporal_unavailable(exc) from exc
             raise
-        # This request's start created the run: open its row now rather than when a
-        # worker gets to it, so duplicates, GET and a 202 need nothing from Temporal
-        # however far behind the workers are. The run's own open finds the row.
-        opened = await self._open_row(payment_input)
-        return await self._await_outcome(
-            changes, (client_id, key), request, request_id, deadline, opened
-        )
+        return _Start.CREATED
 
     async def _await_outcome(
         self,

@@ -79,6 +79,10 @@ PROBLEM_TYPES: dict[str, ProblemType] = {
         ProblemType("service-unavailable", 503, "Service temporarily unavailable",
                     "Temporal or PostgreSQL cannot be reached; retry after `Retry-After` "
                     "seconds with the same Idempotency-Key."),
+        ProblemType("payments-backlog-full", 503, "Too many payments in flight",
+                    "The payments in flight are at their limit and none finished within the "
+                    "request's wait; nothing was started. Retry after `Retry-After` seconds "
+                    "(it grows with the queue) with the same Idempotency-Key."),
     )
 }  # fmt: skip
 
@@ -262,6 +266,19 @@ def database_unavailable(cause: BaseException | str | None = None) -> Problem:
         "The ledger cannot be reached. Retry shortly; with the same Idempotency-Key "
         "a retry is safe.",
         headers={"Retry-After": "2"},
+    )
+
+
+def backlog_full(retry_after: int, queued: int) -> Problem:
+    bind_request_fields(unavailable="backlog_full")
+    return Problem(
+        503,
+        "payments-backlog-full",
+        "Too many payments in flight",
+        f"The payments in flight are at their limit and none finished within this "
+        f"request's wait ({queued} requests are queued for room). Nothing was started: "
+        f"retry in {retry_after} s with the same Idempotency-Key.",
+        headers={"Retry-After": str(retry_after)},
     )
 
 

@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     api_wait_seconds: float = Field(default=5.0, ge=0, le=60)
     # A revoked key is refused by each API process within this many seconds.
     api_key_cache_seconds: float = Field(default=5.0, ge=0)
+    # New payments wait for room (then 503) while this many, across the deployment, have
+    # no recorded outcome (api/backlog.py); 0 turns the gate off. Keep it under the
+    # workers' workflow cache (1,000 runs per worker process) so no run is evicted.
+    api_max_processing_payments: int = Field(default=200, ge=0)
     # The longest wait a client may ask for with `Prefer: wait=N`.
     api_max_wait_seconds: float = Field(default=30.0, ge=1, le=300)
     # Larger payments go through a human (minor units).

@@ -152,6 +152,16 @@ class PaymentRepository:
         refunds = await RefundRepository(self._session).for_payment(row.id)
         return _to_domain(row, refunds)
 
+    async def count_processing(self) -> int:
+        """Payments whose outcome is not recorded yet, across every client (a partial
+        index keeps this proportional to the payments in flight)."""
+        count = await self._session.scalar(
+            select(func.count())
+            .select_from(PaymentRow)
+            .where(PaymentRow.status == PaymentStatus.PROCESSING.value)
+        )
+        return int(count or 0)
+
     async def get_by_key(self, client_id: str, idempotency_key: str) -> StoredPayment | None:
         row = await self._session.scalar(
             select(PaymentRow).where(

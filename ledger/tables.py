@@ -16,6 +16,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -59,6 +60,12 @@ class PaymentRow(Base):
         ),
         Index("ix_payments_client_created_id", "client_id", "created_at", "id"),
         Index("ix_payments_client_status_created_id", "client_id", "status", "created_at", "id"),
+        # The API's backlog gate counts the payments in flight several times a second.
+        Index(
+            "ix_payments_processing",
+            "created_at",
+            postgresql_where=text("status = 'processing'"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)

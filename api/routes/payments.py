@@ -56,6 +56,7 @@ _PAYMENT_HEADERS: dict[str, Any] = {
             "idempotency-key-unusable",
             "idempotency-key-reused",
             *COMMON_PROBLEMS,
+            "payments-backlog-full",
         ),
     },
 )

@@ -1,0 +1,194 @@
+"""New payments wait for room while the payments in flight are at their limit, and are
+refused with a 503 whose Retry-After grows with the queue; nothing starts for them,
+and duplicates and reads never queue."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from api.backlog import BacklogFull, BacklogGate
+from domain.payments import PaymentStatus, RecordOutcomeInput
+from ledger.repositories import PaymentRepository
+from tests.api.conftest import ApiFactory, bearer, store_payment
+
+TYPES = "https://payments.example.com/problems/"
+VISA = {"amount": 1250, "currency": "EUR", "payment_method": "pm_card_visa"}
+
+
+class Ledger:
+    """The count the gate reads, set by the test."""
+
+    def __init__(self, processing: int) -> None:
+        self.processing = processing
+        self.reads = 0
+
+    async def count(self) -> int:
+        self.reads += 1
+        return self.processing
+
+
+async def test_a_full_backlog_holds_a_new_payment_until_one_finishes() -> None:
+    ledger = Ledger(processing=2)
+    gate = BacklogGate(ledger.count, limit=2, refresh_seconds=0.05)
+    admitted = asyncio.Event()
+
+    async def new_payment() -> None:
+        async with gate.admission(wait_seconds=5):
+            admitted.set()
+
+    task = asyncio.create_task(new_payment())
+    await asyncio.sleep(0.3)
+    assert not admitted.is_set() and gate.queued == 1
+    started = time.monotonic()
+    ledger.processing = 1  # a payment's outcome was recorded
+    await task
+    assert admitted.is_set()
+    assert time.monotonic() - started < 1
+    await gate.close()
+
+
+async def test_waiters_are_admitted_first_come_first_served() -> None:
+    ledger = Ledger(processing=1)
+    gate = BacklogGate(ledger.count, limit=1, refresh_seconds=0.05)
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def new_payment(name: str) -> None:
+        async with gate.admission(wait_seconds=5):
+            order.append(name)
+            await release.wait()  # its row is being opened: the place stays taken
+
+    first = asyncio.create_task(new_payment("first"))
+    await asyncio.sleep(0.1)
+    second = asyncio.create_task(new_payment("second"))
+    await asyncio.sleep(0.1)
+    ledger.processing = 0
+    await asyncio.sleep(0.3)
+    assert order == ["first"]  # the first one's place is taken until its row is open
+    ledger.processing = 1  # it is: its row is in the count now
+    release.set()
+    await first
+    await asyncio.sleep(0.2)
+    assert order == ["first"]
+    ledger.processing = 0
+    await second
+    assert order == ["first", "second"]
+    await gate.close()
+
+
+async def test_no_room_within_the_wait_is_refused_with_retry_after_growing_with_the_queue() -> None:
+    ledger = Ledger(processing=0)
+    gate = BacklogGate(ledger.count, limit=5, refresh_seconds=0.05)
+    holding = asyncio.Event()
+    release = asyncio.Event()
+    entered = 0
+
+    async def hold() -> None:
+        nonlocal entered
+        async with gate.admission(wait_seconds=5):
+            entered += 1
+            if entered == 5:
+                holding.set()
+            await release.wait()
+
+    holders = [asyncio.create_task(hold()) for _ in range(5)]
+    await holding.wait()  # five admitted at once (about 0.5/s over the rate window)
+
+    started = time.monotonic()
+    with pytest.raises(BacklogFull) as alone:
+        async with gate.admission(wait_seconds=0.3):
+            pytest.fail("admitted past the limit")
+    assert 0.3 <= time.monotonic() - started < 1.5
+    assert alone.value.queued == 0
+    assert 1 <= alone.value.retry_after <= 3  # 1 in the queue at 0.5/s, spread up to 1.5x
+
+    queued = [asyncio.create_task(_try(gate, wait_seconds=10)) for _ in range(20)]
+    await asyncio.sleep(0.1)
+    with pytest.raises(BacklogFull) as behind:
+        async with gate.admission(wait_seconds=0.3):
+            pytest.fail("admitted past the limit")
+    assert behind.value.queued == 20
+    assert behind.value.retry_after > alone.value.retry_after
+    assert behind.value.retry_after >= 42  # 21 at 0.5/s
+
+    release.set()
+    await asyncio.gather(*holders)
+    for task in queued:
+        task.cancel()
+    await asyncio.gather(*queued, return_exceptions=True)
+    await gate.close()
+
+
+async def _try(gate: BacklogGate, *, wait_seconds: float) -> None:
+    async with gate.admission(wait_seconds=wait_seconds):
+        pass
+
+
+async def test_limit_zero_admits_everything_without_reading_the_ledger() -> None:
+    ledger = Ledger(processing=10_000)
+    gate = BacklogGate(ledger.count, limit=0)
+    async with gate.admission(wait_seconds=0):
+        pass
+    assert ledger.reads == 0
+
+
+async def _processing(sessions: async_sessionmaker[AsyncSession]) -> int:
+    async with sessions() as session:
+        return await PaymentRepository(session).count_processing()
+
+
+async def test_over_the_limit_a_new_payment_is_503_backlog_full_and_a_duplicate_is_still_answered(
+    make_api: ApiFactory,
+    sessions: async_sessionmaker[AsyncSession],
+    new_client: Callable[..., Any],
+) -> None:
+    client = await new_client()
+    in_flight = [
+        await store_payment(sessions, client.client_id, status=PaymentStatus.PROCESSING, key=key)
+        for key in ("in-flight-1", "in-flight-2")
+    ]
+    limit = await _processing(sessions)  # every processing payment in this database
+    headers = bearer(client.api_key)
+    async with make_api(api_max_processing_payments=limit, api_wait_seconds=0.5) as api:
+        new_key = str(uuid.uuid4())
+        refused = await api.post(
+            "/v1/payments", json=VISA, headers={**headers, "Idempotency-Key": new_key}
+        )
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["type"] == TYPES + "payments-backlog-full"
+        assert 1 <= int(refused.headers["Retry-After"]) <= 60
+        assert "Nothing was started" in refused.json()["detail"]
+        listing = await api.get("/v1/payments", headers=headers, params={"limit": 100})
+        assert {p["id"] for p in listing.json()["data"]} == set(in_flight)  # no row for it
+
+        duplicate = await api.post(
+            "/v1/payments", json=VISA, headers={**headers, "Idempotency-Key": "in-flight-1"}
+        )
+        assert duplicate.status_code == 202, duplicate.text
+        assert duplicate.json()["id"] == in_flight[0]
+        assert duplicate.headers["Idempotent-Replayed"] == "true"
+
+        async with sessions() as session, session.begin():
+            await PaymentRepository(session).record_outcome(
+                RecordOutcomeInput(
+                    payment_id=in_flight[1],
+                    status=PaymentStatus.SUCCEEDED,
+                    provider_charge_id="ch_test",
+                    failure_code=None,
+                    failure_message=None,
+                )
+            )
+        # Room again: the request goes on to Temporal, which this app cannot reach.
+        admitted = await api.post(
+            "/v1/payments", json=VISA, headers={**headers, "Idempotency-Key": new_key}
+        )
+        assert admitted.status_code == 503, admitted.text
+        assert admitted.json()["type"] == TYPES + "service-unavailable"
