@@ -130,8 +130,9 @@ async def _drive(
             task.add_done_callback(pending.discard)
             return
         if kind is Kind.FIRST:
+            after = Kind.DUP_AFTER_FINISHED if status == 201 else Kind.DUP_AFTER
             for _ in range(key.after_dups):
-                queue.put_nowait((key, Kind.DUP_AFTER, 1))
+                queue.put_nowait((key, after, 1))
         progress[base + DONE] += 1
         finished += 1
         if finished == total:

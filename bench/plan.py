@@ -17,6 +17,8 @@ class Kind(StrEnum):
     FIRST = "first"
     DUP_IN_FLIGHT = "dup_in_flight"  # queued right behind the first: sent while it runs
     DUP_AFTER = "dup_after"  # sent once the first request has its answer
+    # ... and that answer was the outcome (201): the ledger alone answers it
+    DUP_AFTER_FINISHED = "dup_after_finished"
 
 
 @dataclass(frozen=True)

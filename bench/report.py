@@ -43,7 +43,10 @@ def latencies_by_kind(records: list[Record]) -> dict[str, Any]:
         "first": latency_ms(r for r in records if r.kind == Kind.FIRST),
         "duplicates": latency_ms(dups),
         "dup_in_flight": latency_ms(r for r in dups if r.kind == Kind.DUP_IN_FLIGHT),
-        "dup_after": latency_ms(r for r in dups if r.kind == Kind.DUP_AFTER),
+        "dup_after": latency_ms(
+            r for r in dups if r.kind in (Kind.DUP_AFTER, Kind.DUP_AFTER_FINISHED)
+        ),
+        "dup_after_finished": latency_ms(r for r in dups if r.kind == Kind.DUP_AFTER_FINISHED),
     }
 
 

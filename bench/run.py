@@ -616,7 +616,7 @@ def summarise(report: dict[str, Any]) -> tuple[str, str]:
         ("retries sent after 503/429 / keys never accepted",
          f"{storm['retries_sent']} / {storm['keys_never_accepted']}"),
     ]  # fmt: skip
-    for kind in ("first", "duplicates", "dup_in_flight", "dup_after"):
+    for kind in ("first", "duplicates", "dup_in_flight", "dup_after", "dup_after_finished"):
         v = lat[kind]
         rows.append(
             (f"latency {kind} (ms)",

@@ -144,8 +144,11 @@ async def test_generator_sends_every_request_and_labels_duplicates(
     assert progress == [60, 60, 0]
     assert all(count == 2 for count in api.seen.values())
     assert len(api.seen) == 30
-    after = [r for r in result.records if r.kind == Kind.DUP_AFTER]
+    after = [r for r in result.records if r.kind in (Kind.DUP_AFTER, Kind.DUP_AFTER_FINISHED)]
     assert after
+    # The fake API answers every first request 201: its after-duplicates are of a
+    # finished payment.
+    assert all(r.kind == Kind.DUP_AFTER_FINISHED for r in after)
     assert all(r.replayed for r in after)
     firsts = {r.key_index: r for r in result.records if r.kind == Kind.FIRST}
     # An after-duplicate is sent only once its first request has its answer.
@@ -153,6 +156,7 @@ async def test_generator_sends_every_request_and_labels_duplicates(
     lat = latencies_by_kind(result.records)
     assert lat["first"]["count"] == 30
     assert lat["duplicates"]["count"] == 30
+    assert lat["dup_after_finished"]["count"] == len(after)
 
 
 async def test_generator_retries_a_refused_request_with_the_same_key(
