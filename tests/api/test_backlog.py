@@ -45,7 +45,8 @@ async def test_a_full_backlog_holds_a_new_payment_until_one_finishes() -> None:
 
     task = asyncio.create_task(new_payment())
     await asyncio.sleep(0.3)
-    assert not admitted.is_set() and gate.queued == 1
+    assert not admitted.is_set()
+    assert gate.queued == 1
     started = time.monotonic()
     ledger.processing = 1  # a payment's outcome was recorded
     await task
