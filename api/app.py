@@ -25,7 +25,7 @@ from config.logging import (
 )
 from config.settings import Settings
 from config.temporal import connect_temporal
-from ledger.db import create_engine, session_factory
+from ledger.db import autocommit_session_factory, create_engine, session_factory
 from ledger.outcomes import OutcomeListener
 
 log = structlog.get_logger("api")
@@ -39,15 +39,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings)
         sessions = session_factory(engine)
+        reads = autocommit_session_factory(engine)
         # Lazy: the API starts (and answers 503) even while Temporal is down.
         temporal = await connect_temporal(settings, lazy=True)
         app.state.settings = settings
-        app.state.authenticator = ApiKeyAuthenticator(sessions, settings.api_key_cache_seconds)
+        app.state.authenticator = ApiKeyAuthenticator(reads, settings.api_key_cache_seconds)
         outcomes = OutcomeListener(settings.database_url)
         await outcomes.start()
-        backlog = BacklogGate(processing_counter(sessions), settings.api_max_processing_payments)
+        backlog = BacklogGate(processing_counter(reads), settings.api_max_processing_payments)
         app.state.payments = PaymentService(
-            sessions, temporal, settings.temporal_task_queue, outcomes=outcomes, backlog=backlog
+            sessions,
+            temporal,
+            settings.temporal_task_queue,
+            outcomes=outcomes,
+            backlog=backlog,
+            reads=reads,
         )
         app.state.rate_limiter = RateLimiter(
             settings.api_rate_limit_per_second, settings.api_rate_limit_burst

@@ -135,8 +135,10 @@ class PaymentService:
         *,
         outcomes: OutcomeListener | None = None,
         backlog: BacklogGate | None = None,
+        reads: async_sessionmaker[AsyncSession] | None = None,
     ) -> None:
         self._sessions = sessions
+        self._reads = reads or sessions
         self._backlog = backlog or BacklogGate(_no_count, 0)
         self._temporal = temporal
         self._task_queue = task_queue
@@ -144,14 +146,14 @@ class PaymentService:
 
     async def _stored(self, client_id: str, key: str) -> StoredPayment | None:
         try:
-            async with self._sessions() as session:
+            async with self._reads() as session:
                 return await PaymentRepository(session).get_by_key(client_id, key)
         except (OperationalError, DBAPIError) as exc:
             raise database_unavailable(exc) from exc
 
     async def get(self, client_id: str, payment_id: str) -> Payment | None:
         try:
-            async with self._sessions() as session:
+            async with self._reads() as session:
                 return await PaymentRepository(session).get(client_id, payment_id)
         except (OperationalError, DBAPIError) as exc:
             raise database_unavailable(exc) from exc
@@ -167,7 +169,7 @@ class PaymentService:
         """A page of the client's payments, from the ledger (never Temporal visibility,
         which is eventually consistent). Raises ``UnknownCursor``."""
         try:
-            async with self._sessions() as session:
+            async with self._reads() as session:
                 return await PaymentRepository(session).list_for_client(
                     client_id, limit=limit, starting_after=starting_after, status=status
                 )

@@ -24,3 +24,15 @@ def create_engine(settings: Settings) -> AsyncEngine:
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def autocommit_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions for the API's plain reads: no BEGIN before the first statement and no
+    ROLLBACK after the last, so a one-statement read is one round trip instead of
+    three. Under a storm each round trip is a turn of the API's busy event loop with
+    the connection checked out, and those turns, not PostgreSQL, emptied the pool.
+    Reads lose nothing: under READ COMMITTED, PostgreSQL's default, every statement
+    of a transaction takes its own snapshot anyway. Never for writes or locking reads."""
+    return async_sessionmaker(
+        engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False
+    )

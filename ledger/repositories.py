@@ -149,6 +149,11 @@ class PaymentRepository:
         self._session = session
 
     async def _with_refunds(self, row: PaymentRow) -> Payment:
+        if row.status != PaymentStatus.SUCCEEDED.value:
+            # Only a succeeded payment takes refunds (RefundRepository.open refuses the
+            # rest) and it stays succeeded: the idempotency path's reads of processing
+            # payments save a round trip.
+            return _to_domain(row, [])
         refunds = await RefundRepository(self._session).for_payment(row.id)
         return _to_domain(row, refunds)
 
