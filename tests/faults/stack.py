@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client, WorkflowExecutionStatus
 
@@ -142,12 +143,19 @@ class FaultStack:
 
 
 async def _terminal(fs: FaultStack, payment_ids: Collection[str]) -> dict[str, str] | None:
-    async with fs.sessions() as session:
-        rows = (
-            await session.execute(
-                select(PaymentRow.id, PaymentRow.status).where(PaymentRow.id.in_(payment_ids))
-            )
-        ).all()
+    try:
+        async with fs.sessions() as session:
+            rows = (
+                await session.execute(
+                    select(PaymentRow.id, PaymentRow.status).where(PaymentRow.id.in_(payment_ids))
+                )
+            ).all()
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            # A pooled connection from before a PostgreSQL restart (the pool does not
+            # ping, ledger/db.py): the pool is discarded, the next poll reconnects.
+            return None
+        raise
     statuses = {row.id: row.status for row in rows}
     if len(statuses) == len(payment_ids) and "processing" not in statuses.values():
         return statuses
