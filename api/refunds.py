@@ -270,7 +270,7 @@ class RefundService:
         return True
 
 
-def _refund_service(request: Request) -> RefundService:
+async def _refund_service(request: Request) -> RefundService:  # async: see api/dependencies
     service: RefundService = request.app.state.refunds
     return service
 
