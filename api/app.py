@@ -13,7 +13,7 @@ from api.auth import ApiKeyAuthenticator
 from api.backlog import BacklogGate, processing_counter
 from api.codec_server import create_codec_app
 from api.limits import BodyLimitMiddleware
-from api.metrics import install_metrics
+from api.metrics import BACKLOG_WAITING, install_metrics
 from api.openapi import install_openapi
 from api.payments import PaymentService
 from api.problems import install_problem_handlers
@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         outcomes = OutcomeListener(settings.database_url)
         await outcomes.start()
         backlog = BacklogGate(processing_counter(reads), settings.api_max_processing_payments)
+        BACKLOG_WAITING.set_function(lambda: backlog.queued)
         app.state.payments = PaymentService(
             sessions,
             temporal,

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from fastapi import FastAPI
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -54,6 +54,22 @@ RATE_LIMITED = Counter(
     "payments_api_rate_limited",
     "Requests refused with 429 by the per-client rate limiter.",
 )
+
+
+BACKLOG_REFUSED = Counter(
+    "payments_api_backlog_refused",
+    "New payments answered 503 payments-backlog-full: the payments awaiting their "
+    "outcome were at PAYMENTS_API_MAX_PROCESSING_PAYMENTS for the request's whole wait.",
+)
+BACKLOG_WAITING = Gauge(
+    "payments_api_backlog_waiting",
+    "New payments waiting in this API process for room in the backlog.",
+)
+
+
+def record_backlog_refused() -> None:
+    """Tells a full backlog (by design) apart from the other 503s (a dependency down)."""
+    BACKLOG_REFUSED.inc()
 
 
 def record_rate_limited() -> None:

@@ -40,6 +40,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.backlog import BacklogFull, BacklogGate
+from api.metrics import record_backlog_refused
 from api.problems import (
     Problem,
     backlog_full,
@@ -245,6 +246,7 @@ class PaymentService:
             # Another request with this key may have got in meanwhile.
             stored = await self._stored(client_id, key)
             if stored is None:
+                record_backlog_refused()
                 raise backlog_full(full.retry_after, full.queued) from full
             if stored.request_fingerprint != fingerprint:
                 raise idempotency_key_reused() from full

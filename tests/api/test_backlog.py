@@ -140,6 +140,13 @@ async def test_limit_zero_admits_everything_without_reading_the_ledger() -> None
     assert ledger.reads == 0
 
 
+def _sample(exposition: str, name: str) -> float:
+    for line in exposition.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
+
+
 async def _processing(sessions: async_sessionmaker[AsyncSession]) -> int:
     async with sessions() as session:
         return await PaymentRepository(session).count_processing()
@@ -158,6 +165,9 @@ async def test_over_the_limit_a_new_payment_is_503_backlog_full_and_a_duplicate_
     limit = await _processing(sessions)  # every processing payment in this database
     headers = bearer(client.api_key)
     async with make_api(api_max_processing_payments=limit, api_wait_seconds=0.5) as api:
+        refused_before = _sample(
+            (await api.get("/metrics")).text, "payments_api_backlog_refused_total"
+        )
         new_key = str(uuid.uuid4())
         refused = await api.post(
             "/v1/payments", json=VISA, headers={**headers, "Idempotency-Key": new_key}
@@ -167,6 +177,8 @@ async def test_over_the_limit_a_new_payment_is_503_backlog_full_and_a_duplicate_
         assert refused.json()["type"] == TYPES + "payments-backlog-full"
         assert 1 <= int(refused.headers["Retry-After"]) <= 60
         assert "Nothing was started" in refused.json()["detail"]
+        metrics = (await api.get("/metrics")).text
+        assert _sample(metrics, "payments_api_backlog_refused_total") == refused_before + 1
         listing = await api.get("/v1/payments", headers=headers, params={"limit": 100})
         assert {p["id"] for p in listing.json()["data"]} == set(in_flight)  # no row for it
 
