@@ -109,10 +109,18 @@ class BacklogGate:
 
     def _admit(self) -> None:
         self._admitted_not_open += 1
-        now = time.monotonic()
-        self._admissions.append(now)
-        while self._admissions and self._admissions[0] < now - RATE_WINDOW_SECONDS:
+        self._admissions.append(time.monotonic())
+        self._forget_old_admissions()  # bounded by the window's admissions
+
+    def _forget_old_admissions(self) -> None:
+        horizon = time.monotonic() - RATE_WINDOW_SECONDS
+        while self._admissions and self._admissions[0] < horizon:
             self._admissions.popleft()
+
+    def _admissions_per_second(self) -> float:
+        """This process's admission rate over the last ``RATE_WINDOW_SECONDS``."""
+        self._forget_old_admissions()
+        return len(self._admissions) / RATE_WINDOW_SECONDS
 
     async def _queue(self, wait_seconds: float) -> None:
         waiter = asyncio.get_running_loop().create_future()
@@ -135,9 +143,7 @@ class BacklogGate:
     def _retry_after(self, queued: int) -> int:
         """The time the queue in front would take at this process's recent admission
         rate, spread by up to half again so the refused do not all come back at once."""
-        now = time.monotonic()
-        recent = sum(1 for at in self._admissions if at >= now - RATE_WINDOW_SECONDS)
-        per_second = recent / RATE_WINDOW_SECONDS
+        per_second = self._admissions_per_second()
         estimate = (queued + 1) / per_second if per_second > 0 else MAX_RETRY_AFTER_SECONDS
         spread = estimate * random.uniform(1.0, 1.5)  # noqa: S311 — jitter, not a secret
         return max(1, min(MAX_RETRY_AFTER_SECONDS, math.ceil(spread)))
