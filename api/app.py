@@ -27,6 +27,7 @@ from config.settings import Settings
 from config.temporal import connect_temporal
 from ledger.db import autocommit_session_factory, create_engine, session_factory
 from ledger.outcomes import OutcomeListener
+from ledger.reads import PooledPaymentReads
 
 log = structlog.get_logger("api")
 
@@ -44,6 +45,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         temporal = await connect_temporal(settings, lazy=True)
         app.state.settings = settings
         app.state.authenticator = ApiKeyAuthenticator(reads, settings.api_key_cache_seconds)
+        lookups = PooledPaymentReads.create(
+            settings.database_url,
+            size=settings.database_read_pool_size,
+            timeout=settings.database_pool_timeout_seconds,
+        )
+        await lookups.open()
         outcomes = OutcomeListener(settings.database_url)
         await outcomes.start()
         backlog = BacklogGate(processing_counter(reads), settings.api_max_processing_payments)
@@ -55,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             outcomes=outcomes,
             backlog=backlog,
             reads=reads,
+            lookups=lookups,
         )
         app.state.rate_limiter = RateLimiter(
             settings.api_rate_limit_per_second, settings.api_rate_limit_burst
@@ -63,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await backlog.close()
         await outcomes.stop()
+        await lookups.close()
         await engine.dispose()
 
     app = FastAPI(

@@ -59,6 +59,7 @@ from domain.payments import (
     payment_workflow_id,
 )
 from ledger.outcomes import OutcomeListener, PaymentChanges
+from ledger.reads import DATABASE_ERRORS, PaymentReads, SessionPaymentReads
 from ledger.repositories import PaymentPage, PaymentRepository, StoredPayment
 from workflows.payment import PaymentWorkflow
 
@@ -137,9 +138,13 @@ class PaymentService:
         outcomes: OutcomeListener | None = None,
         backlog: BacklogGate | None = None,
         reads: async_sessionmaker[AsyncSession] | None = None,
+        lookups: PaymentReads | None = None,
     ) -> None:
         self._sessions = sessions
         self._reads = reads or sessions
+        # The idempotency path's reads by key and by id (ledger/reads.py says why
+        # they are not ORM reads in the API process).
+        self._lookups = lookups or SessionPaymentReads(self._reads)
         self._backlog = backlog or BacklogGate(_no_count, 0)
         self._temporal = temporal
         self._task_queue = task_queue
@@ -147,16 +152,14 @@ class PaymentService:
 
     async def _stored(self, client_id: str, key: str) -> StoredPayment | None:
         try:
-            async with self._reads() as session:
-                return await PaymentRepository(session).get_by_key(client_id, key)
-        except (OperationalError, DBAPIError) as exc:
+            return await self._lookups.by_key(client_id, key)
+        except (OperationalError, DBAPIError, *DATABASE_ERRORS) as exc:
             raise database_unavailable(exc) from exc
 
     async def get(self, client_id: str, payment_id: str) -> Payment | None:
         try:
-            async with self._reads() as session:
-                return await PaymentRepository(session).get(client_id, payment_id)
-        except (OperationalError, DBAPIError) as exc:
+            return await self._lookups.by_id(client_id, payment_id)
+        except (OperationalError, DBAPIError, *DATABASE_ERRORS) as exc:
             raise database_unavailable(exc) from exc
 
     async def list_page(

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     # How long a request waits for a pooled connection before answering 503 (SQLAlchemy's
     # default is 30 s, far past the API's own bounded wait).
     database_pool_timeout_seconds: float = Field(default=5.0, gt=0)
+    # The API process's own pool for its idempotency reads by key and by id (plain
+    # psycopg, no ORM: ledger/reads.py), besides the pool above.
+    database_read_pool_size: int = Field(default=20, ge=1)
 
     # Temporal
     temporal_address: str = "127.0.0.1:7233"

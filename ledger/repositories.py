@@ -91,7 +91,7 @@ class WebhookTarget:
         return (self.secret, *self.previous_secrets)
 
 
-def _iso(value: datetime) -> str:
+def isoformat_utc(value: datetime) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
@@ -108,8 +108,8 @@ def _to_domain(row: PaymentRow, refunds: list[Refund] | None = None) -> Payment:
         failure_code=row.failure_code,
         failure_message=row.failure_message,
         provider_charge_id=row.provider_charge_id,
-        created_at=_iso(row.created_at),
-        updated_at=_iso(row.updated_at),
+        created_at=isoformat_utc(row.created_at),
+        updated_at=isoformat_utc(row.updated_at),
         refunds=list(refunds or []),
         version=row.version,
     )
@@ -127,8 +127,8 @@ def _refund_to_domain(row: RefundRow) -> Refund:
         failure_code=row.failure_code,
         failure_message=row.failure_message,
         provider_refund_id=row.provider_refund_id,
-        created_at=_iso(row.created_at),
-        updated_at=_iso(row.updated_at),
+        created_at=isoformat_utc(row.created_at),
+        updated_at=isoformat_utc(row.updated_at),
     )
 
 
@@ -139,8 +139,8 @@ def _key_record(key: ApiKey, client_name: str) -> ApiKeyRecord:
         client_name=client_name,
         key_hash=key.key_hash,
         display_prefix=key.display_prefix,
-        created_at=_iso(key.created_at),
-        revoked_at=None if key.revoked_at is None else _iso(key.revoked_at),
+        created_at=isoformat_utc(key.created_at),
+        revoked_at=None if key.revoked_at is None else isoformat_utc(key.revoked_at),
     )
 
 

@@ -1,0 +1,177 @@
+"""The API's plain-SQL payment reads answer exactly what the repositories answer."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from admin.clients import add_client
+from domain.payments import (
+    PaymentInput,
+    PaymentRequest,
+    PaymentStatus,
+    RecordOutcomeInput,
+    payment_id_for,
+)
+from domain.refunds import (
+    RecordRefundInput,
+    RefundInput,
+    RefundRequest,
+    RefundStatus,
+    refund_id_for,
+)
+from ledger.db import autocommit_session_factory
+from ledger.reads import DATABASE_ERRORS, PooledPaymentReads, SessionPaymentReads
+from ledger.repositories import PaymentRepository, RefundRepository
+
+
+@pytest.fixture
+async def pooled(engine: AsyncEngine) -> AsyncIterator[PooledPaymentReads]:
+    url = engine.url.render_as_string(hide_password=False)
+    reads = PooledPaymentReads.create(url, size=3, timeout=5)
+    await reads.open()
+    yield reads
+    await reads.close()
+
+
+async def _payment(
+    sessions: async_sessionmaker[AsyncSession],
+    client_id: str,
+    status: PaymentStatus | None,
+    *,
+    description: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> PaymentInput:
+    key = str(uuid.uuid4())
+    request = PaymentRequest(
+        amount=5000,
+        currency="EUR",
+        payment_method="pm_card_visa",
+        description=description,
+        metadata=metadata or {},
+    )
+    payment = PaymentInput(
+        payment_id=payment_id_for(client_id, key),
+        client_id=client_id,
+        idempotency_key=key,
+        request=request,
+        request_fingerprint=request.fingerprint(),
+        origin_request_id=uuid.uuid4().hex,
+    )
+    async with sessions() as session, session.begin():
+        repository = PaymentRepository(session)
+        await repository.open(payment)
+        if status is not None:
+            await repository.record_outcome(
+                RecordOutcomeInput(
+                    payment_id=payment.payment_id,
+                    status=status,
+                    provider_charge_id="ch_1" if status is PaymentStatus.SUCCEEDED else None,
+                    failure_code=None if status is PaymentStatus.SUCCEEDED else "card_declined",
+                    failure_message=None if status is PaymentStatus.SUCCEEDED else "Declined.",
+                )
+            )
+    return payment
+
+
+async def _refund(
+    sessions: async_sessionmaker[AsyncSession], payment: PaymentInput, amount: int, ok: bool
+) -> None:
+    key = str(uuid.uuid4())
+    request = RefundRequest(payment_id=payment.payment_id, amount=amount, reason="duplicate")
+    refund = RefundInput(
+        refund_id=refund_id_for(payment.client_id, key),
+        client_id=payment.client_id,
+        idempotency_key=key,
+        request=request,
+        request_fingerprint=request.fingerprint(),
+        origin_request_id="r",
+    )
+    async with sessions() as session, session.begin():
+        await RefundRepository(session).reserve(refund)
+        await RefundRepository(session).record_outcome(
+            RecordRefundInput(
+                refund_id=refund.refund_id,
+                status=RefundStatus.SUCCEEDED if ok else RefundStatus.FAILED,
+                provider_refund_id="re_1" if ok else None,
+                failure_code=None if ok else "provider_error",
+            )
+        )
+
+
+async def test_pooled_reads_equal_the_repositories_for_every_kind_of_payment(
+    engine: AsyncEngine,
+    sessions: async_sessionmaker[AsyncSession],
+    pooled: PooledPaymentReads,
+) -> None:
+    async with sessions() as session, session.begin():
+        client = await add_client(session, name="reads", webhook_url=None)
+        other = await add_client(session, name="reads-other", webhook_url=None)
+    refunded = await _payment(
+        sessions, client.client_id, PaymentStatus.SUCCEEDED, description="Order 7"
+    )
+    for amount, ok in [(1000, True), (700, False), (250, True)]:
+        await _refund(sessions, refunded, amount, ok)
+    payments = [
+        await _payment(sessions, client.client_id, None, metadata={"order": "1"}),
+        await _payment(sessions, client.client_id, PaymentStatus.FAILED),
+        await _payment(sessions, client.client_id, PaymentStatus.SUCCEEDED),
+        refunded,
+    ]
+    orm = SessionPaymentReads(autocommit_session_factory(engine))
+
+    for payment in payments:
+        by_key = await pooled.by_key(payment.client_id, payment.idempotency_key)
+        assert by_key is not None
+        assert by_key == await orm.by_key(payment.client_id, payment.idempotency_key)
+        assert by_key.request_fingerprint == payment.request_fingerprint
+        assert by_key.origin_request_id == payment.origin_request_id
+        by_id = await pooled.by_id(payment.client_id, payment.payment_id)
+        assert by_id == by_key.payment
+        assert by_id == await orm.by_id(payment.client_id, payment.payment_id)
+
+    read = await pooled.by_id(refunded.client_id, refunded.payment_id)
+    assert read is not None
+    assert [r.amount for r in read.refunds] == [1000, 700, 250]
+    assert [r.status for r in read.refunds] == [
+        RefundStatus.SUCCEEDED,
+        RefundStatus.FAILED,
+        RefundStatus.SUCCEEDED,
+    ]
+    assert read.amount_refundable == 5000 - 1250
+    assert read.description == "Order 7"
+    assert read.created_at is not None
+    assert read.created_at.endswith("Z")
+    # Scoped to the client: another client's key or id reads nothing.
+    assert await pooled.by_key(other.client_id, refunded.idempotency_key) is None
+    assert await pooled.by_id(other.client_id, refunded.payment_id) is None
+    assert await pooled.by_key(client.client_id, "no-such-key") is None
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_a_database_that_cannot_be_reached_raises_a_database_error_in_time(
+    engine: AsyncEngine,
+) -> None:
+    """The API maps these errors to a retry-safe 503; it must not hang for long."""
+    url = make_url(engine.url).set(port=_closed_port()).render_as_string(hide_password=False)
+    reads = PooledPaymentReads.create(url, size=2, timeout=0.5)
+    await reads.open()  # does not wait: the API starts while PostgreSQL is down
+    try:
+        started = time.monotonic()
+        with pytest.raises(DATABASE_ERRORS):
+            await reads.by_key("cli_x", "key")
+        assert time.monotonic() - started < 5
+    finally:
+        await reads.close()
