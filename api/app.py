@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 import structlog
 from fastapi import FastAPI
 
-from api.access_log import AccessLogMiddleware
+from api.access_log import AccessLogMiddleware, ShedLineSampler, log_shed_summary
 from api.auth import ApiKeyAuthenticator
 from api.backlog import BacklogGate, processing_counter
 from api.codec_server import create_codec_app
@@ -35,6 +35,7 @@ log = structlog.get_logger("api")
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_format, environment=settings.environment)
+    shed_lines = ShedLineSampler(settings.api_shed_log_lines_per_second)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.refunds = RefundService(sessions, temporal, settings.temporal_task_queue)
         yield
         await backlog.close()
+        log_shed_summary(shed_lines, force=True)
         await outcomes.stop()
         await lookups.close()
         await engine.dispose()
@@ -96,6 +98,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok"}
 
     # Added last, so outermost: its line covers every other layer, errors included.
-    app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(AccessLogMiddleware, shed_lines=shed_lines)
 
     return app
