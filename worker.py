@@ -17,7 +17,7 @@ import structlog
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.metrics import WorkerMetrics, install_sdk_metrics
+from activities.metrics import WorkerMetrics, install_sdk_runtime
 from activities.payments import PaymentActivities
 from activities.provider_client import ProviderClient
 from activities.refunds import RefundActivities
@@ -46,7 +46,7 @@ async def run_worker(settings: Settings) -> None:
     )
     webhooks = WebhookSender(webhook_http, allow_loopback=settings.webhook_allow_loopback)
     activities = PaymentActivities(session_factory(engine), provider, webhooks)
-    install_sdk_metrics(settings)  # before the client: it uses the default runtime
+    install_sdk_runtime(settings)  # before the client: it uses the default runtime
     refunds = RefundActivities(session_factory(engine), provider)
     client: Client = await connect_temporal(settings)
     worker = Worker(

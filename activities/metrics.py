@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -46,7 +47,14 @@ from prometheus_client import (
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
-from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+from temporalio.runtime import (
+    LogForwardingConfig,
+    LoggingConfig,
+    PrometheusConfig,
+    Runtime,
+    TelemetryConfig,
+    TelemetryFilter,
+)
 
 from activities.provider_client import (
     ProviderDeclined,
@@ -239,22 +247,61 @@ def webhook_delivery(event_id: str) -> Iterator[None]:
 # -- worker process set-up --------------------------------------------------------------
 
 
-def install_sdk_metrics(settings: Settings) -> None:
-    """Make the SDK's default runtime export its metrics for Prometheus.
+class _CoreLogFields(logging.Filter):
+    """A forwarded core record carries the core's entry object, which the JSON
+    renderer would print as ``<builtins.BufferedLogEntry …>``: keep its target."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        entry = record.__dict__.pop("temporal_log", None)
+        if entry is not None:
+            record.core_target = entry.target
+        return True
+
+
+CORE_LOGGER = logging.getLogger("temporalio.core")
+CORE_LOGGER.addFilter(_CoreLogFields())
+
+
+def core_logging(core_level: str = "WARN") -> LoggingConfig:
+    """The SDK core's own log lines (Rust: "workflow task duration exceeded 5 seconds"
+    and the like), forwarded to the ``temporalio.core`` logger. Left to itself the
+    core writes them to stderr as coloured console text, the one kind of line in the
+    worker's log that was not JSON; forwarded, they go through our processor chain."""
+    return LoggingConfig(
+        filter=TelemetryFilter(core_level=core_level, other_level="ERROR"),
+        # One logger (the core's target becomes a field); the extra fields (payload
+        # sizes and counts, mostly zeros) would more than double each line.
+        forwarding=LogForwardingConfig(
+            logger=CORE_LOGGER,
+            append_target_to_name=False,
+            prepend_target_on_message=False,
+            append_log_fields_to_message=False,
+        ),
+    )
+
+
+def install_sdk_runtime(settings: Settings) -> None:
+    """Make the SDK's default runtime forward the core's logs and, when a port is
+    set, export its metrics for Prometheus.
 
     Call before the first Temporal client is created: clients use the default runtime.
     """
-    if not settings.worker_sdk_metrics_port:
-        return
+    metrics: PrometheusConfig | None = None
     bind = f"{settings.metrics_host}:{settings.worker_sdk_metrics_port}"
+    if settings.worker_sdk_metrics_port:
+        metrics = PrometheusConfig(bind_address=bind)
     try:
-        runtime = Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=bind)))
+        runtime = Runtime(telemetry=TelemetryConfig(logging=core_logging(), metrics=metrics))
     except Exception as exc:
+        if metrics is None:
+            raise
         # Payments matter more than their metrics: run on, loudly, without them.
         log.error("metrics.sdk_unavailable", address=bind, error=str(exc))
-        return
+        metrics = None
+        runtime = Runtime(telemetry=TelemetryConfig(logging=core_logging()))
     Runtime.set_default(runtime, error_if_already_set=True)
-    log.info("metrics.sdk_serving", address=bind)
+    if metrics is not None:
+        log.info("metrics.sdk_serving", address=bind)
 
 
 class WorkerMetrics:

@@ -148,3 +148,34 @@ def test_a_terminal_gets_the_console_and_production_gets_json() -> None:
         },
     )
     assert json.loads(production.strip())["event"] == "payment.created"
+
+
+def test_the_sdk_cores_own_lines_come_out_as_our_json() -> None:
+    """The Rust core's lines (e.g. "workflow task duration exceeded 5 seconds" under
+    load) are forwarded into the same chain, not printed as coloured console text."""
+    output = _run(
+        """
+        import time
+        from temporalio.runtime import Runtime, TelemetryConfig
+        from activities.metrics import core_logging
+        from config.logging import configure_logging
+
+        configure_logging("INFO", "json")
+        # The worker forwards WARN and above; INFO here, as the core's test hook
+        # writes at INFO.
+        runtime = Runtime(telemetry=TelemetryConfig(logging=core_logging("INFO")))
+        runtime._core_runtime.write_test_info_log("core says hello", "sk_" + "x" * 40)
+        time.sleep(0.5)  # forwarded lines are buffered for a few milliseconds
+        runtime._core_runtime.write_test_info_log("flush", "")
+        time.sleep(0.5)
+        """
+    )
+    lines = [json.loads(line) for line in output.splitlines() if line.strip()]
+    core = [line for line in lines if "core says hello" in line["event"]]
+    assert len(core) == 1, output
+    assert core[0]["logger"] == "temporalio.core"
+    assert core[0]["core_target"]
+    assert "temporal_log" not in core[0]
+    assert core[0]["level"] == "info"
+    assert "x" * 40 not in output, "the core's fields pass the secret masking too"
+    assert "\x1b[" not in output, "no console colour codes"
