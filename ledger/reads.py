@@ -18,25 +18,29 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import namedtuple_row
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from domain.payments import Payment, PaymentStatus
-from domain.refunds import Refund, RefundStatus
 from ledger.outcomes import libpq_url
-from ledger.repositories import PaymentRepository, StoredPayment, isoformat_utc
+from ledger.repositories import (
+    PaymentRepository,
+    StoredPayment,
+    payment_to_domain,
+    refund_to_domain,
+)
 
 # The columns ``Payment`` and ``StoredPayment`` need, and nothing else.
 _BY_KEY = (
     "SELECT id, client_id, idempotency_key, request_fingerprint, origin_request_id, amount, "
-    "currency, description, metadata, status, failure_code, failure_message, "
+    "currency, description, metadata AS metadata_, status, failure_code, failure_message, "
     "provider_charge_id, created_at, updated_at, version "
     "FROM payments WHERE client_id = %s AND idempotency_key = %s"
 )
 _BY_ID = (
     "SELECT id, client_id, idempotency_key, request_fingerprint, origin_request_id, amount, "
-    "currency, description, metadata, status, failure_code, failure_message, "
+    "currency, description, metadata AS metadata_, status, failure_code, failure_message, "
     "provider_charge_id, created_at, updated_at, version "
     "FROM payments WHERE id = %s AND client_id = %s"
 )
@@ -57,59 +61,22 @@ class PaymentReads(Protocol):
     async def by_id(self, client_id: str, payment_id: str) -> Payment | None: ...
 
 
-def _refund(row: dict[str, Any]) -> Refund:
-    return Refund(
-        id=row["id"],
-        payment_id=row["payment_id"],
-        idempotency_key=row["idempotency_key"],
-        status=RefundStatus(row["status"]),
-        amount=row["amount"],
-        currency=row["currency"],
-        reason=row["reason"],
-        failure_code=row["failure_code"],
-        failure_message=row["failure_message"],
-        provider_refund_id=row["provider_refund_id"],
-        created_at=isoformat_utc(row["created_at"]),
-        updated_at=isoformat_utc(row["updated_at"]),
-    )
-
-
-def _payment(row: dict[str, Any], refunds: list[Refund]) -> Payment:
-    return Payment(
-        id=row["id"],
-        client_id=row["client_id"],
-        idempotency_key=row["idempotency_key"],
-        status=PaymentStatus(row["status"]),
-        amount=row["amount"],
-        currency=row["currency"],
-        description=row["description"],
-        metadata=dict(row["metadata"] or {}),
-        failure_code=row["failure_code"],
-        failure_message=row["failure_message"],
-        provider_charge_id=row["provider_charge_id"],
-        created_at=isoformat_utc(row["created_at"]),
-        updated_at=isoformat_utc(row["updated_at"]),
-        refunds=refunds,
-        version=row["version"],
-    )
-
-
 class PooledPaymentReads:
     """Autocommit connections of the API process's own small pool: one round trip
     per statement, no BEGIN/ROLLBACK (under READ COMMITTED each statement has its own
     snapshot anyway). Never for writes or locking reads."""
 
-    def __init__(self, pool: AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]]) -> None:
+    def __init__(self, pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]]) -> None:
         self._pool = pool
 
     @classmethod
     def create(cls, database_url: str, *, size: int, timeout: float) -> PooledPaymentReads:
         """Not connected yet: ``open`` in the app's lifespan. The pool grows to ``size``
         on demand, so the API starts (and answers 503) while PostgreSQL is down."""
-        pool: AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]] = AsyncConnectionPool(
+        pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
             libpq_url(database_url),
-            connection_class=psycopg.AsyncConnection[dict[str, Any]],
-            kwargs={"autocommit": True, "row_factory": dict_row},
+            connection_class=psycopg.AsyncConnection[Any],
+            kwargs={"autocommit": True, "row_factory": namedtuple_row},
             min_size=1,
             max_size=size,
             timeout=timeout,
@@ -131,7 +98,7 @@ class PooledPaymentReads:
             if row is None:
                 return None
             payment = await self._with_refunds(conn, row)
-        return StoredPayment(payment, row["request_fingerprint"], row["origin_request_id"])
+        return StoredPayment(payment, row.request_fingerprint, row.origin_request_id)
 
     async def by_id(self, client_id: str, payment_id: str) -> Payment | None:
         async with self._pool.connection() as conn:
@@ -140,14 +107,14 @@ class PooledPaymentReads:
             return None if row is None else await self._with_refunds(conn, row)
 
     @staticmethod
-    async def _with_refunds(
-        conn: psycopg.AsyncConnection[dict[str, Any]], row: dict[str, Any]
-    ) -> Payment:
-        if row["status"] != PaymentStatus.SUCCEEDED.value:
+    async def _with_refunds(conn: psycopg.AsyncConnection[Any], row: Any) -> Payment:
+        # Rows with the ORM models' attribute names, so the repositories' mappers
+        # turn them into the same domain objects.
+        if row.status != PaymentStatus.SUCCEEDED.value:
             # Only a succeeded payment takes refunds, as in PaymentRepository.
-            return _payment(row, [])
-        cursor = await conn.execute(_REFUNDS, (row["id"],), prepare=True)
-        return _payment(row, [_refund(r) for r in await cursor.fetchall()])
+            return payment_to_domain(row, [])
+        cursor = await conn.execute(_REFUNDS, (row.id,), prepare=True)
+        return payment_to_domain(row, [refund_to_domain(r) for r in await cursor.fetchall()])
 
 
 class SessionPaymentReads:

@@ -95,7 +95,7 @@ def isoformat_utc(value: datetime) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _to_domain(row: PaymentRow, refunds: list[Refund] | None = None) -> Payment:
+def payment_to_domain(row: PaymentRow, refunds: list[Refund] | None = None) -> Payment:
     return Payment(
         id=row.id,
         client_id=row.client_id,
@@ -115,7 +115,7 @@ def _to_domain(row: PaymentRow, refunds: list[Refund] | None = None) -> Payment:
     )
 
 
-def _refund_to_domain(row: RefundRow) -> Refund:
+def refund_to_domain(row: RefundRow) -> Refund:
     return Refund(
         id=row.id,
         payment_id=row.payment_id,
@@ -153,9 +153,9 @@ class PaymentRepository:
             # Only a succeeded payment takes refunds (RefundRepository.open refuses the
             # rest) and it stays succeeded: the idempotency path's reads of processing
             # payments save a round trip.
-            return _to_domain(row, [])
+            return payment_to_domain(row, [])
         refunds = await RefundRepository(self._session).for_payment(row.id)
-        return _to_domain(row, refunds)
+        return payment_to_domain(row, refunds)
 
     async def count_processing(self) -> int:
         """Payments whose outcome is not recorded yet, across every client (a partial
@@ -318,7 +318,8 @@ class PaymentRepository:
         page = rows[:limit]
         refunds = await RefundRepository(self._session).for_payments([row.id for row in page])
         return PaymentPage(
-            [_to_domain(row, refunds.get(row.id, [])) for row in page], has_more=len(rows) > limit
+            [payment_to_domain(row, refunds.get(row.id, [])) for row in page],
+            has_more=len(rows) > limit,
         )
 
     async def entries_balance(self, payment_id: str) -> tuple[int, int]:
@@ -489,7 +490,7 @@ class RefundRepository:
             .where(RefundRow.payment_id == payment_id)
             .order_by(RefundRow.created_at, RefundRow.id)
         )
-        return [_refund_to_domain(row) for row in rows]
+        return [refund_to_domain(row) for row in rows]
 
     async def for_payments(self, payment_ids: list[str]) -> dict[str, list[Refund]]:
         """The refunds of several payments in one query (a listing page)."""
@@ -502,7 +503,7 @@ class RefundRepository:
         )
         found: dict[str, list[Refund]] = {}
         for row in rows:
-            found.setdefault(row.payment_id, []).append(_refund_to_domain(row))
+            found.setdefault(row.payment_id, []).append(refund_to_domain(row))
         return found
 
     async def get(self, client_id: str, payment_id: str, refund_id: str) -> Refund | None:
@@ -513,7 +514,7 @@ class RefundRepository:
                 RefundRow.client_id == client_id,
             )
         )
-        return None if row is None else _refund_to_domain(row)
+        return None if row is None else refund_to_domain(row)
 
     async def get_by_key(self, client_id: str, idempotency_key: str) -> StoredRefund | None:
         row = await self._session.scalar(
@@ -523,7 +524,7 @@ class RefundRepository:
         )
         if row is None:
             return None
-        return StoredRefund(_refund_to_domain(row), row.request_fingerprint, row.client_id)
+        return StoredRefund(refund_to_domain(row), row.request_fingerprint, row.client_id)
 
     async def reserve(self, refund: RefundInput) -> Reservation:
         """Reserve the refund as ``pending``, or say why not; idempotent per (client, key).
@@ -628,7 +629,7 @@ class RefundRepository:
         )
         await self._session.refresh(refund_row)
         if refund_row.status != RefundStatus.PENDING.value:
-            return _refund_to_domain(refund_row)
+            return refund_to_domain(refund_row)
         await self._session.execute(
             update(RefundRow)
             .where(RefundRow.id == refund_row.id)
@@ -668,7 +669,7 @@ class RefundRepository:
             )
         await self._bump_version(refund_row.payment_id)
         await self._session.refresh(refund_row)
-        return _refund_to_domain(refund_row)
+        return refund_to_domain(refund_row)
 
     async def _bump_version(self, payment_id: str) -> None:
         await self._session.execute(
