@@ -79,10 +79,13 @@ class BacklogGate:
         return sum(1 for waiter in self._waiters if not waiter.done())
 
     @asynccontextmanager
-    async def admission(self, wait_seconds: float) -> AsyncIterator[None]:
+    async def admission(
+        self, wait_seconds: float, *, on_queued: Callable[[], None] | None = None
+    ) -> AsyncIterator[None]:
         """Hold a place for one new payment until its row is open (the block's end).
 
-        Raises ``BacklogFull`` if no place frees within ``wait_seconds``.
+        ``on_queued`` is called if the request has to queue for room. Raises
+        ``BacklogFull`` if no place frees within ``wait_seconds``.
         """
         if self._limit <= 0:
             yield
@@ -91,6 +94,8 @@ class BacklogGate:
         if not self._waiters and self._room() > 0:
             self._admit()
         else:
+            if on_queued is not None:
+                on_queued()
             await self._queue(wait_seconds)
         try:
             yield

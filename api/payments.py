@@ -3,8 +3,16 @@
 The ledger answers what it already knows (a finished payment, a reused key).
 Otherwise the request starts the payment's workflow (the workflow ID is the client's
 key, so there is at most one run per key); the request whose start created the run
-opens its ledger row at once, and every request, original or duplicate, then waits
-on the ledger for the outcome (LISTEN/NOTIFY), never on the run.
+opens its ledger row at once and waits on the ledger for the outcome (LISTEN/NOTIFY),
+never on the run.
+
+A repeat answers the payment's current state at once (DESIGN.md's contract; it waits
+only if it asks to, with ``Prefer: wait``): a client retrying a request that is still
+running learns in milliseconds that it is, instead of holding a connection for the
+whole wait, and the repeats add nothing to the run's history. A repeat of a request
+still queued for room in this process (``BacklogGate``), before any payment exists,
+is answered 409 ``idempotency-request-in-progress`` at once, as the IETF draft's
+concurrent-request rule says, rather than queueing a second time behind it.
 
 Why not update-with-start: its answer, the start's included, arrives only once a
 worker has accepted the update. In the storm benchmark (1,000 requests in flight,
@@ -19,9 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import math
 import uuid
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -46,6 +55,7 @@ from api.problems import (
     backlog_full,
     database_unavailable,
     idempotency_key_reused,
+    idempotency_request_in_progress,
     temporal_unavailable,
 )
 from domain import search_attributes
@@ -101,6 +111,16 @@ class _RunOrigin:
     running: bool
 
 
+@dataclass
+class _Admitting:
+    """A first request of this process that is queued for room or starting its run."""
+
+    deadline: float  # loop time at which it will have its own answer
+    queued: bool = False  # waiting at the backlog gate for room
+    # Set when it queues, and when it is done (its row open, or it failed).
+    moved: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 @dataclass(frozen=True)
 class PaymentAnswer:
     payment: Payment
@@ -149,6 +169,8 @@ class PaymentService:
         self._temporal = temporal
         self._task_queue = task_queue
         self._outcomes = outcomes
+        # (client id, key) of the requests between "no row yet" and "row open".
+        self._admitting: dict[tuple[str, str], _Admitting] = {}
 
     async def _stored(self, client_id: str, key: str) -> StoredPayment | None:
         try:
@@ -188,7 +210,11 @@ class PaymentService:
         key: str,
         request: PaymentRequest,
         wait_seconds: float,
+        replay_wait_seconds: float = 0.0,
     ) -> PaymentAnswer:
+        """Start or attach. A first request waits up to ``wait_seconds`` for the
+        outcome; a repeat answers the payment as it stands after ``replay_wait_seconds``
+        (at once by default), or as soon as it is final."""
         async with self._changes(payment_id_for(client_id, key)) as changes:
             return await self._create(
                 changes,
@@ -197,6 +223,7 @@ class PaymentService:
                 key=key,
                 request=request,
                 wait_seconds=wait_seconds,
+                replay_wait_seconds=min(replay_wait_seconds, wait_seconds),
             )
 
     def _changes(self, payment_id: str) -> AbstractAsyncContextManager[PaymentChanges]:
@@ -213,31 +240,48 @@ class PaymentService:
         key: str,
         request: PaymentRequest,
         wait_seconds: float,
+        replay_wait_seconds: float,
     ) -> PaymentAnswer:
         """``create`` once subscribed to the payment's changes: every ledger read below
         comes after subscribing, so no change committed in between is missed."""
         fingerprint = request.fingerprint()
-        deadline = asyncio.get_running_loop().time() + wait_seconds
+        now = asyncio.get_running_loop().time()
+        deadline = now + wait_seconds
+        replay_deadline = now + replay_wait_seconds
+        ids = (client_id, key)
         stored = await self._stored(client_id, key)
+        if stored is None and (ahead := self._admitting.get(ids)) is not None:
+            stored = await self._behind(ahead, ids, deadline)
         if stored is not None:
             if stored.request_fingerprint != fingerprint:
                 raise idempotency_key_reused()
             if stored.payment.status.is_terminal:
                 # The ledger knows the answer: no need to involve Temporal at all.
                 return PaymentAnswer(stored.payment, replayed=True)
-            # The row exists only once Temporal has the run: wait on the ledger, so a
-            # duplicate adds nothing to the run's history.
+            # The row exists only once Temporal has the run: a repeat reads the ledger,
+            # so it adds nothing to the run's history.
             return await self._await_outcome(
-                changes, (client_id, key), request, None, deadline, stored
+                changes, ids, request, None, (replay_deadline, deadline), stored
             )
 
         request_id = uuid.uuid4().hex
         payment_input = _payment_input(client_id, key, request, request_id)
         opened: StoredPayment | None = None
+        admitting = _Admitting(deadline)
+        first_here = self._admitting.setdefault(ids, admitting) is admitting
+
+        def queued() -> None:
+            admitting.queued = True
+            admitting.moved.set()
+
         try:
             # A place in the backlog is held until this request's row is open, and only
             # by a request that may start a run: waiting for the outcome takes none.
-            async with self._backlog.admission(deadline - asyncio.get_running_loop().time()):
+            async with self._backlog.admission(
+                deadline - asyncio.get_running_loop().time(), on_queued=queued
+            ):
+                admitting.queued = False
+                admitting.moved.clear()  # set again when its row is open
                 start = await self._start_run(payment_input, client_name, wait_seconds)
                 if start is _Start.CREATED:
                     # This request's start created the run: open its row now rather than
@@ -254,16 +298,39 @@ class PaymentService:
             if stored.request_fingerprint != fingerprint:
                 raise idempotency_key_reused() from full
             return PaymentAnswer(stored.payment, replayed=True)
+        finally:
+            admitting.queued = False
+            if first_here:
+                del self._admitting[ids]
+                admitting.moved.set()
         if start is _Start.UNCONFIRMED:
             return await self._answer_without_outcome(client_id, key, request, request_id)
+        created = start is _Start.CREATED
         return await self._await_outcome(
             changes,
-            (client_id, key),
+            ids,
             request,
-            request_id if start is _Start.CREATED else None,
-            deadline,
+            request_id if created else None,
+            (deadline if created else replay_deadline, deadline),
             opened,
         )
+
+    async def _behind(
+        self, ahead: _Admitting, ids: tuple[str, str], deadline: float
+    ) -> StoredPayment | None:
+        """A request with the key of one this process is already admitting: the row, once
+        that one has opened it; 409 while it is still queued for room (no payment exists
+        yet, and queueing behind it would only hold a second place in the line)."""
+        loop = asyncio.get_running_loop()
+        if not ahead.queued:
+            # Admitted and starting the run, or about to learn whether it must queue.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    await ahead.moved.wait()
+        if ahead.queued:
+            raise idempotency_request_in_progress(max(1, math.ceil(ahead.deadline - loop.time())))
+        # None if it failed (Temporal down, the database): this request tries itself.
+        return await self._stored(*ids)
 
     async def _start_run(
         self, payment_input: PaymentInput, client_name: str, wait_seconds: float
@@ -328,7 +395,7 @@ class PaymentService:
         ids: tuple[str, str],
         request: PaymentRequest,
         request_id: str | None,
-        deadline: float,
+        deadlines: tuple[float, float],
         known: StoredPayment | None,
     ) -> PaymentAnswer:
         """Wait on the ledger for the run's outcome: the outcome once recorded, or,
@@ -336,11 +403,14 @@ class PaymentService:
 
         ``ids`` is (client id, key). ``request_id`` is set for the request whose start
         created the run; any other request attached to a run someone else started and
-        is a replay. ``known`` is the row as read since subscribing, if it was.
+        is a replay. ``deadlines``: until when to wait for the outcome once the row is
+        there (a replay's is now, unless it asked to wait), and for the row itself.
+        ``known`` is the row as read since subscribing, if it was.
         """
         client_id, key = ids
         loop = asyncio.get_running_loop()
         fingerprint = request.fingerprint()
+        outcome_deadline, deadline = deadlines
         current = known if known is not None else await self._stored(client_id, key)
         while True:
             remaining = deadline - loop.time()
@@ -348,6 +418,7 @@ class PaymentService:
                 changes.row_known = True
                 if current.request_fingerprint != fingerprint:
                     raise idempotency_key_reused()
+                remaining = outcome_deadline - loop.time()
                 if current.payment.status.is_terminal or remaining <= 0:
                     replayed = request_id is None or current.origin_request_id != request_id
                     return PaymentAnswer(current.payment, replayed=replayed)

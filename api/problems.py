@@ -61,6 +61,10 @@ PROBLEM_TYPES: dict[str, ProblemType] = {
                     "The route exists but not with this method."),
         ProblemType("idempotency-key-unusable", 409, "Idempotency-Key cannot be used",
                     "A run with this key was started but never recorded; use a new key."),
+        ProblemType("idempotency-request-in-progress", 409,
+                    "A request with this Idempotency-Key is in progress",
+                    "The first request with this key is still queued for room (nothing has "
+                    "started yet); retry after `Retry-After` with the same key."),
         ProblemType("payment-not-refundable", 409, "Payment cannot be refunded",
                     "Only a succeeded payment can be refunded (`payment_status` says what it "
                     "is); nothing was changed."),
@@ -231,6 +235,17 @@ def idempotency_key_reused() -> Problem:
         "Idempotency-Key reused with a different request",
         "This Idempotency-Key was already used with a different request body. "
         "Use a new key for a new payment.",
+    )
+
+
+def idempotency_request_in_progress(retry_after: int) -> Problem:
+    return Problem(
+        409,
+        "idempotency-request-in-progress",
+        "A request with this Idempotency-Key is in progress",
+        "The first request with this key is still queued for room and nothing has started "
+        f"for it yet. Retry in {retry_after} s with the same key: you will get its payment.",
+        headers={"Retry-After": str(retry_after)},
     )
 
 

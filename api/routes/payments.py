@@ -45,8 +45,9 @@ _PAYMENT_HEADERS: dict[str, Any] = {
         },
         202: {
             "model": PaymentOut,
-            "description": "Accepted, still `processing` when the wait ran out: read it back at "
-            "`Location` or wait for the webhook.",
+            "description": "Accepted, still `processing`: the wait ran out, or this is a repeat "
+            "of a payment in flight (repeats answer at once unless they send `Prefer: wait`). "
+            "Read it back at `Location` or wait for the webhook.",
             "headers": _PAYMENT_HEADERS,
         },
         **problem_responses(
@@ -54,6 +55,7 @@ _PAYMENT_HEADERS: dict[str, Any] = {
             "idempotency-key-missing",
             "idempotency-key-invalid",
             "idempotency-key-unusable",
+            "idempotency-request-in-progress",
             "idempotency-key-reused",
             *COMMON_PROBLEMS,
             "payments-backlog-full",
@@ -80,8 +82,9 @@ async def create_payment(
         Header(
             alias="Prefer",
             description="`wait=N` (RFC 7240): wait up to N seconds for the outcome instead of "
-            "the default (PAYMENTS_API_WAIT_SECONDS, 5), at least 1 and at most "
-            "PAYMENTS_API_MAX_WAIT_SECONDS (30). Answered with `Preference-Applied`.",
+            "the default (PAYMENTS_API_WAIT_SECONDS, 5; for a repeat of a payment in flight, "
+            "no wait), at least 1 and at most PAYMENTS_API_MAX_WAIT_SECONDS (30). Answered "
+            "with `Preference-Applied`.",
         ),
     ] = None,
 ) -> Any:
@@ -104,6 +107,8 @@ async def create_payment(
         key=key,
         request=body.to_domain(),
         wait_seconds=wait_seconds,
+        # A repeat answers the payment as it stands unless the client asked to wait.
+        replay_wait_seconds=wait_seconds if requested is not None else 0.0,
     )
     payment = answer.payment
     response.status_code = (

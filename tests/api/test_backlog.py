@@ -205,3 +205,36 @@ async def test_over_the_limit_a_new_payment_is_503_backlog_full_and_a_duplicate_
         )
         assert admitted.status_code == 503, admitted.text
         assert admitted.json()["type"] == TYPES + "service-unavailable"
+
+
+async def test_a_repeat_of_a_payment_queued_for_room_is_409_in_progress_at_once(
+    make_api: ApiFactory,
+    sessions: async_sessionmaker[AsyncSession],
+    new_client: Callable[..., Any],
+) -> None:
+    """The IETF draft's concurrent-request rule: nothing exists yet for the first request,
+    so its repeat is told to come back, rather than taking a second place in the queue."""
+    client = await new_client()
+    await store_payment(sessions, client.client_id, status=PaymentStatus.PROCESSING)
+    limit = await _processing(sessions)
+    key = str(uuid.uuid4())
+    headers = {**bearer(client.api_key), "Idempotency-Key": key}
+    async with make_api(api_max_processing_payments=limit, api_wait_seconds=3) as api:
+        first = asyncio.create_task(api.post("/v1/payments", json=VISA, headers=headers))
+        while _sample((await api.get("/metrics")).text, "payments_api_backlog_waiting") < 1:
+            await asyncio.sleep(0.02)
+
+        repeat = await api.post("/v1/payments", json=VISA, headers=headers)
+        other_body = await api.post("/v1/payments", json={**VISA, "amount": 999}, headers=headers)
+
+        assert not first.done()  # answered while the first is still queued
+        for answer in (repeat, other_body):
+            assert answer.status_code == 409, answer.text
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert answer.json()["type"] == TYPES + "idempotency-request-in-progress"
+            assert 1 <= int(answer.headers["Retry-After"]) <= 3
+        refused = await first
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["type"] == TYPES + "payments-backlog-full"
+        listing = await api.get("/v1/payments", headers=bearer(client.api_key))
+        assert key not in {p["idempotency_key"] for p in listing.json()["data"]}

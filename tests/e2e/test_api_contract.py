@@ -104,7 +104,7 @@ async def test_rows_first_replay_different_body_and_other_client(stack: E2EStack
     assert await stack.ledger_balance(payment["id"]) == (2, 0)
 
 
-async def test_row_in_flight_duplicates_attach_and_wait_for_the_same_outcome(
+async def test_row_in_flight_duplicates_answer_at_once_or_wait_when_they_ask(
     stack: E2EStack,
 ) -> None:
     await stack.provider.set_faults(latency_ms=1500)
@@ -117,16 +117,32 @@ async def test_row_in_flight_duplicates_attach_and_wait_for_the_same_outcome(
             duplicates = await asyncio.gather(
                 *(http.post("/v1/payments", json=VISA, headers=headers) for _ in range(3))
             )
+            first_pending_after_duplicates = not first.done()
+            waiting = await asyncio.gather(
+                *(
+                    http.post("/v1/payments", json=VISA, headers={**headers, "Prefer": "wait=10"})
+                    for _ in range(2)
+                )
+            )
             original = await first
     finally:
         await stack.provider.clear_faults()
 
     assert original.status_code == 201, original.text
     assert "Idempotent-Replayed" not in original.headers
+    # DESIGN.md: a repeat gets the payment's current state. The charge takes 1.5 s, so
+    # the repeats were answered while it ran: processing, without waiting for it.
+    assert first_pending_after_duplicates
     for duplicate in duplicates:
-        assert duplicate.status_code == 201, "attached and waited for the outcome"
+        assert duplicate.status_code == 202, duplicate.text
         assert duplicate.headers["Idempotent-Replayed"] == "true"
-        assert duplicate.json() == original.json()
+        assert duplicate.json()["id"] == original.json()["id"]
+        assert duplicate.json()["status"] == "processing"
+    # Repeats that ask to wait (RFC 7240 Prefer: wait) attach and get the outcome.
+    for repeat in waiting:
+        assert repeat.status_code == 201, "attached and waited for the outcome"
+        assert repeat.headers["Idempotent-Replayed"] == "true"
+        assert repeat.json() == original.json()
     assert original.json()["status"] == "succeeded"
     assert (await stack.provider_stats())["charges_by_key"][original.json()["id"]] == 1
     # Every request waited on the ledger, not on the run: its history holds no update
