@@ -27,7 +27,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument("--unloaded", type=int, default=20, help="sequential payments first")
     load.add_argument(
         "--retries", type=int, default=3,
-        help="resend after a 503/429 (Retry-After), as a well-behaved client does",
+        help="resend after a 503/429/409 in progress (Retry-After), as a well-behaved client does",
     )  # fmt: skip
     load.add_argument("--seed", type=int, default=1)
     faults = parser.add_argument_group("provider faults (sandbox PUT /sandbox/faults)")

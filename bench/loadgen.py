@@ -36,7 +36,7 @@ class Record:
     replayed: bool
     payment_status: str | None
     payment_id: str | None
-    attempt: int = 1  # >1: a retry after a 503 or 429, as a well-behaved client sends
+    attempt: int = 1  # >1: a retry after a 503, 429 or 409 in progress, as clients send
     problem: str | None = None  # an error's problem type, the last part of its URI
 
 
@@ -123,7 +123,7 @@ async def _drive(
             Record(key.index, str(kind), status, latency, sent_at, replayed,
                    payment_status, payment_id, attempt, problem)
         )  # fmt: skip
-        if status in (0, 429, 503) and attempt <= retries:
+        if _retryable(status, problem) and attempt <= retries:
             # The same key again, later: the API says that is safe. Not yet finished.
             task = asyncio.create_task(retry_later(key, kind, attempt + 1, retry_after))
             pending.add(task)
@@ -151,6 +151,14 @@ async def _drive(
     await asyncio.gather(*(worker() for _ in range(workers)))
     result.wall_seconds = time.perf_counter() - started
     return result
+
+
+def _retryable(status: int, problem: str | None) -> bool:
+    """What a well-behaved client resends with the same key after ``Retry-After``: no
+    answer, rate limited, unavailable, or its first request still queued for room."""
+    if status == 409:
+        return problem == "idempotency-request-in-progress"
+    return status in (0, 429, 503)
 
 
 def _problem_type(body: bytes) -> str | None:

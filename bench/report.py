@@ -47,6 +47,12 @@ def latencies_by_kind(records: list[Record]) -> dict[str, Any]:
             r for r in dups if r.kind in (Kind.DUP_AFTER, Kind.DUP_AFTER_FINISHED)
         ),
         "dup_after_finished": latency_ms(r for r in dups if r.kind == Kind.DUP_AFTER_FINISHED),
+        # As the API saw them: a planned duplicate whose earlier sends were all refused
+        # (nothing started) is the request that creates the payment, and waits for its
+        # outcome as a first request does; a planned first can be a replay of its own
+        # duplicate that got in before it. Idempotent-Replayed says which was which.
+        "originals": latency_ms(r for r in records if not r.replayed),
+        "replays": latency_ms(r for r in records if r.replayed),
     }
 
 

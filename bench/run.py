@@ -613,10 +613,18 @@ def summarise(report: dict[str, Any]) -> tuple[str, str]:
          f"workflows closed after {storm.get('workflows_closed_seconds')} s)"),
         ("HTTP statuses", json.dumps(storm["http_statuses"])),
         ("errors by status and type", json.dumps(storm["errors_by_status"]) or "none"),
-        ("retries sent after 503/429 / keys never accepted",
+        ("retries after 503/429/409 / keys never accepted",
          f"{storm['retries_sent']} / {storm['keys_never_accepted']}"),
     ]  # fmt: skip
-    for kind in ("first", "duplicates", "dup_in_flight", "dup_after", "dup_after_finished"):
+    for kind in (
+        "first",
+        "duplicates",
+        "dup_in_flight",
+        "dup_after",
+        "dup_after_finished",
+        "originals",
+        "replays",
+    ):
         v = lat[kind]
         rows.append(
             (f"latency {kind} (ms)",
@@ -670,7 +678,8 @@ def summarise(report: dict[str, Any]) -> tuple[str, str]:
             )  # fmt: skip
     summary = (
         f"SUMMARY payments/s={fmt(pps)} ratio={ratio} ratio_local={ratio_local} "
-        f"dup_p99_ms={lat['duplicates']['p99']} first_p50_ms={lat['first']['p50']} "
+        f"dup_p99_ms={lat['duplicates']['p99']} replay_p99_ms={lat['replays']['p99']} "
+        f"first_p50_ms={lat['first']['p50']} "
         f"double_charges={prov['double_charged_keys']} ledger_balanced={ledger['balanced']} "
         f"deadlocks={pg['deadlocks']}"
     )

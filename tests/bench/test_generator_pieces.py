@@ -66,6 +66,7 @@ class _FakeApi:
         self.seen: dict[str, int] = {}
         self.answers = 0
         self.refuse_first: set[str] = set()  # keys answered 503 once
+        self.conflict_first: dict[str, str] = {}  # keys answered 409 of this type once
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -81,6 +82,20 @@ class _FakeApi:
                     writer.write(
                         b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 0\r\n"
                         b"Content-Length: 2\r\n\r\n{}"
+                    )
+                    await writer.drain()
+                    continue
+                if key in self.conflict_first:
+                    problem = json.dumps(
+                        {
+                            "type": f"https://payments.example.com/problems/{self.conflict_first.pop(key)}"
+                        }
+                    ).encode()
+                    writer.write(
+                        b"HTTP/1.1 409 Conflict\r\nRetry-After: 0\r\n"
+                        b"Content-Type: application/problem+json\r\n"
+                        + f"Content-Length: {len(problem)}\r\n\r\n".encode()
+                        + problem
                     )
                     await writer.drain()
                     continue
@@ -157,6 +172,10 @@ async def test_generator_sends_every_request_and_labels_duplicates(
     assert lat["first"]["count"] == 30
     assert lat["duplicates"]["count"] == 30
     assert lat["dup_after_finished"]["count"] == len(after)
+    # The fake API marks every second send of a key as the replay, whatever the plan
+    # called it: originals and replays follow its header.
+    assert lat["originals"]["count"] == 30
+    assert lat["replays"]["count"] == 30
 
 
 async def test_generator_retries_a_refused_request_with_the_same_key(
@@ -208,3 +227,21 @@ def test_fault_flags_become_a_fault_set_the_sandbox_accepts() -> None:
         0.01,
     )
     assert _faults(parse([])) == {}
+
+
+async def test_generator_retries_a_409_only_while_the_first_request_is_in_progress(
+    fake_api: tuple[_FakeApi, int],
+) -> None:
+    api, port = fake_api
+    plan = build_plan(2, duplicate_share=0.0, clients=1)
+    api.conflict_first = {
+        plan.keys[0].key: "idempotency-request-in-progress",
+        plan.keys[1].key: "idempotency-key-unusable",
+    }
+    result = await _drive(plan, [Credentials("c1", "k1")], "127.0.0.1", port, 2, [0] * SLOTS, 0)
+    statuses = sorted((r.key_index, r.attempt, r.status, r.problem) for r in result.records)
+    assert statuses == [
+        (0, 1, 409, "idempotency-request-in-progress"),
+        (0, 2, 201, None),
+        (1, 1, 409, "idempotency-key-unusable"),  # a new key is needed: not resent
+    ]
