@@ -1,11 +1,12 @@
 """One canonical log line per HTTP request, with the request id echoed back.
 
-Except for requests turned away under load (429, 503: nothing was done, the client
-retries): beyond a few such lines a second (PAYMENTS_API_SHED_LOG_LINES_PER_SECOND)
-they are counted instead, and one ``http.requests_shed`` line a second gives the
-counts. In the storm benchmark 23,000 of 30,000 requests were turned away, and their
-lines were most of the API's log, 1.4 KB per payment on their own; the metrics
-(``payments_api_backlog_refused_total``, the 429 counter) still count every one.
+Except for requests turned away under load (429, 503, and a 409 for a repeat of a
+request still queued: nothing was done, the client retries): beyond a few such lines
+a second (PAYMENTS_API_SHED_LOG_LINES_PER_SECOND) they are counted instead, and one
+``http.requests_shed`` line a second gives the counts. In the storm benchmark 23,000
+of 30,000 requests were turned away, and their lines were most of the API's log,
+1.4 KB per payment on their own; the metrics (``payments_api_backlog_refused_total``,
+the 429 counter) still count every one.
 
 Pure ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware runs
 every request in a task group of its own with a streamed body, about 15 % of the API's
@@ -127,7 +128,13 @@ class AccessLogMiddleware:
                 log_shed_summary(self.shed_lines)
 
     def _write_line(self, status: int, fields: dict[str, object]) -> bool:
-        if self.shed_lines is None or status not in SHED_STATUSES:
+        # A 409 in progress (a repeat of a request still queued for room) is turned away
+        # too: the client retries after Retry-After and nothing was done for it.
+        turned_away = fields.get("turned_away")
+        if self.shed_lines is None or (status not in SHED_STATUSES and turned_away is None):
             return True
-        cause = "rate_limited" if status == 429 else str(fields.get("unavailable", "unavailable"))
+        if status == 429:
+            cause = "rate_limited"
+        else:
+            cause = str(turned_away or fields.get("unavailable", "unavailable"))
         return self.shed_lines.admit(status, cause)

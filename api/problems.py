@@ -239,6 +239,7 @@ def idempotency_key_reused() -> Problem:
 
 
 def idempotency_request_in_progress(retry_after: int) -> Problem:
+    bind_request_fields(turned_away="request_in_progress")  # logged as load shed
     return Problem(
         409,
         "idempotency-request-in-progress",

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.access_log import ShedLineSampler
-from tests.api.conftest import ApiFactory
+from domain.payments import PaymentStatus
+from ledger.repositories import PaymentRepository
+from tests.api.conftest import ApiFactory, bearer, store_payment
+
+VISA = {"amount": 1250, "currency": "EUR", "payment_method": "pm_card_visa"}
 
 
 def test_a_few_lines_a_second_then_one_count_per_window() -> None:
@@ -65,3 +72,33 @@ async def test_rate_limited_requests_beyond_the_budget_are_counted_on_one_line(
     assert counted >= 2
     assert all(set(s["suppressed"]) == {"429 rate_limited"} for s in summaries)
     assert all("request_id" not in s for s in summaries), "a summary is no request's line"
+
+
+async def test_repeats_told_their_first_request_is_in_progress_are_counted_as_shed(
+    make_api: ApiFactory,
+    sessions: async_sessionmaker[AsyncSession],
+    new_client: Callable[..., Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = await new_client("shed-409")
+    await store_payment(sessions, client.client_id, status=PaymentStatus.PROCESSING)
+    async with sessions() as session:
+        limit = await PaymentRepository(session).count_processing()
+    headers = {**bearer(client.api_key), "Idempotency-Key": str(uuid.uuid4())}
+    caplog.set_level(logging.INFO)
+    async with make_api(
+        api_max_processing_payments=limit, api_wait_seconds=2, api_shed_log_lines_per_second=1
+    ) as http:
+        logging.getLogger().addHandler(caplog.handler)
+        first = asyncio.create_task(http.post("/v1/payments", json=VISA, headers=headers))
+        await asyncio.sleep(0.5)  # queued for room by now
+        repeats = [await http.post("/v1/payments", json=VISA, headers=headers) for _ in range(4)]
+        await first
+    assert [r.status_code for r in repeats] == [409] * 4
+
+    events = _events(caplog)
+    lines = [e["status"] for e in events if e["event"] == "http.request"]
+    summaries = [e for e in events if e["event"] == "http.requests_shed"]
+    counted = sum(s["suppressed"].get("409 request_in_progress", 0) for s in summaries)
+    assert lines.count(409) + counted == 4
+    assert counted >= 2  # one line a second: at most two of four within a second or two
