@@ -245,7 +245,7 @@ def idempotency_request_in_progress(retry_after: int) -> Problem:
         "idempotency-request-in-progress",
         "A request with this Idempotency-Key is in progress",
         "The first request with this key is still queued for room and nothing has started "
-        f"for it yet. Retry in {retry_after} s with the same key: you will get its payment.",
+        f"for it yet. Retry in {retry_after} s with the same key; it never charges twice.",
         headers={"Retry-After": str(retry_after)},
     )
 
