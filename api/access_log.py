@@ -33,7 +33,8 @@ log = structlog.get_logger("api")
 UNLOGGED_PATHS = frozenset({"/healthz"})
 
 
-# Statuses of requests turned away before anything was done.
+# Statuses of requests turned away before anything was done; a problem of another
+# status that is turned away too binds the request field ``turned_away`` to its cause.
 SHED_STATUSES = frozenset({429, 503})
 
 

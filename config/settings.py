@@ -90,8 +90,9 @@ class Settings(BaseSettings):
     # Per client and per API process: a token bucket refilled at this rate.
     api_rate_limit_per_second: float = Field(default=100.0, gt=0)
     api_rate_limit_burst: int = Field(default=200, ge=1)
-    # Canonical lines of requests turned away (429, 503) per second and API process;
-    # the rest are counted on one http.requests_shed line a second (api/access_log.py).
+    # Canonical lines of requests turned away (429, 503, 409 in progress) per second and
+    # API process; the rest are counted on one http.requests_shed line a second
+    # (api/access_log.py).
     api_shed_log_lines_per_second: int = Field(default=5, ge=0)
 
     # Webhooks
