@@ -17,7 +17,11 @@ import structlog
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.metrics import WorkerMetrics, install_sdk_runtime
+from activities.metrics import (
+    WorkerMetrics,
+    install_sdk_runtime,
+    report_suppressed_core_warnings,
+)
 from activities.payments import PaymentActivities
 from activities.provider_client import ProviderClient
 from activities.refunds import RefundActivities
@@ -77,6 +81,7 @@ async def run_worker(settings: Settings) -> None:
     async with worker:
         await stop.wait()
         log.info("worker.stopping", drain_seconds=GRACEFUL_SHUTDOWN.total_seconds())
+    report_suppressed_core_warnings()
     await metrics.stop()
     await provider.aclose()
     await webhook_http.aclose()

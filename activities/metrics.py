@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -61,6 +62,7 @@ from activities.provider_client import (
     ProviderInvalidRequest,
     ProviderUnavailable,
 )
+from config.logging import LineSampler
 from config.settings import Settings
 from domain.payments import Payment
 from ledger.stats import LedgerStatsRepository
@@ -261,6 +263,41 @@ class _CoreLogFields(logging.Filter):
 CORE_LOGGER = logging.getLogger("temporalio.core")
 CORE_LOGGER.addFilter(_CoreLogFields())
 
+_CORE_WARNING_CODE = re.compile(r"\[(TMPRL\d+)\]")
+
+
+class _SampleRepeatedCoreWarnings(logging.Filter):
+    """The core's coded warnings, "[TMPRL1104] <run>:<event>:<attempt> Workflow task
+    duration exceeded 5 seconds" above all, come once per slow workflow task: when the
+    worker is behind, for most runs, each line saying the same of another run (1,249
+    lines, 93 bytes per payment, in a storm benchmark run). A few a second are written;
+    the rest are counted by code and reported on one ``sdk.warnings_suppressed`` line
+    with the next warning after the second is over, and at shutdown. Lines without a
+    code are all written."""
+
+    def __init__(self, sampler: LineSampler) -> None:
+        super().__init__()
+        self._sampler = sampler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.report()
+        code = _CORE_WARNING_CODE.match(record.getMessage())
+        return code is None or self._sampler.admit(code.group(1))
+
+    def report(self, *, force: bool = False) -> None:
+        summary = self._sampler.take_summary(force=force)
+        if summary is not None:
+            log.warning("sdk.warnings_suppressed", suppressed=summary, total=sum(summary.values()))
+
+
+_core_warnings: _SampleRepeatedCoreWarnings | None = None
+
+
+def report_suppressed_core_warnings() -> None:
+    """At shutdown: the counts of the current second too."""
+    if _core_warnings is not None:
+        _core_warnings.report(force=True)
+
 
 def core_logging(core_level: str = "WARN") -> LoggingConfig:
     """The SDK core's own log lines (Rust: "workflow task duration exceeded 5 seconds"
@@ -286,6 +323,12 @@ def install_sdk_runtime(settings: Settings) -> None:
 
     Call before the first Temporal client is created: clients use the default runtime.
     """
+    global _core_warnings
+    if _core_warnings is None:
+        _core_warnings = _SampleRepeatedCoreWarnings(
+            LineSampler(settings.worker_core_warning_lines_per_second)
+        )
+        CORE_LOGGER.addFilter(_core_warnings)
     metrics: PrometheusConfig | None = None
     bind = f"{settings.metrics_host}:{settings.worker_sdk_metrics_port}"
     if settings.worker_sdk_metrics_port:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
@@ -22,6 +21,7 @@ from activities.provider_client import (
 )
 from activities.webhook_events import build_event
 from activities.webhooks import WebhookDeliveryError, WebhookSender
+from config.logging import add_to_attempt_line
 from domain.payments import (
     ChargeInput,
     ChargeResult,
@@ -35,8 +35,6 @@ from domain.payments import (
     RecordOutcomeInput,
 )
 from ledger.repositories import ClientRepository, PaymentRepository
-
-log = structlog.get_logger(__name__)
 
 # Stripe reports most declines as code ``card_declined`` with the reason in
 # ``decline_code``; clients want the reason when it is a specific one.
@@ -103,7 +101,7 @@ class PaymentActivities:
             ) from exc
         except ProviderUnavailable as exc:
             raise ApplicationError(str(exc), type=ErrorType.PROVIDER_UNAVAILABLE) from exc
-        log.info("payment.charged", payment_id=input.payment_id, charge_id=charge.id)
+        add_to_attempt_line(payment_id=input.payment_id, charge_id=charge.id)
         return ChargeResult(charge_id=charge.id, status=charge.status)
 
     @activity.defn(name="find_charge")
@@ -126,7 +124,7 @@ class PaymentActivities:
             async with self._sessions() as session, session.begin():
                 payment = await PaymentRepository(session).record_outcome(input)
         metrics.payment_recorded(payment)
-        log.info("payment.recorded", payment_id=payment.id, status=str(payment.status))
+        add_to_attempt_line(payment_id=payment.id, status=str(payment.status))
         return payment
 
     @activity.defn(name="notify_webhook")
@@ -154,4 +152,4 @@ class PaymentActivities:
                 )
         except WebhookDeliveryError as exc:
             raise ApplicationError(str(exc), type=ErrorType.WEBHOOK_DELIVERY_FAILED) from exc
-        log.info("webhook.delivered", payment_id=payment.id, event_type=input.event_type)
+        add_to_attempt_line(payment_id=payment.id, event_type=input.event_type)

@@ -6,7 +6,6 @@ and delivers every event.
 
 from __future__ import annotations
 
-import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
@@ -17,6 +16,7 @@ from activities.provider_client import (
     ProviderInvalidRequest,
     ProviderUnavailable,
 )
+from config.logging import add_to_attempt_line
 from domain.payments import DeclineDetails, ErrorType
 from domain.refunds import (
     REFUND_REFUSED_ERROR,
@@ -30,8 +30,6 @@ from domain.refunds import (
     RefundRefusalDetails,
 )
 from ledger.repositories import RefundRepository
-
-log = structlog.get_logger(__name__)
 
 
 class RefundActivities:
@@ -89,12 +87,12 @@ class RefundActivities:
             ) from exc
         except ProviderUnavailable as exc:
             raise ApplicationError(str(exc), type=ErrorType.PROVIDER_UNAVAILABLE) from exc
-        log.info("refund.refunded", refund_id=input.refund_id, provider_refund_id=refund.id)
+        add_to_attempt_line(refund_id=input.refund_id, provider_refund_id=refund.id)
         return ProviderRefundResult(provider_refund_id=refund.id)
 
     @activity.defn(name="record_refund_outcome")
     async def record_refund_outcome(self, input: RecordRefundInput) -> Refund:
         async with self._sessions() as session, session.begin():
             refund = await RefundRepository(session).record_outcome(input)
-        log.info("refund.recorded", refund_id=refund.id, status=str(refund.status))
+        add_to_attempt_line(refund_id=refund.id, status=str(refund.status))
         return refund

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 import structlog
 from fastapi import FastAPI
 
-from api.access_log import AccessLogMiddleware, ShedLineSampler, log_shed_summary
+from api.access_log import AccessLogMiddleware, log_shed_summary
 from api.auth import ApiKeyAuthenticator
 from api.backlog import BacklogGate, processing_counter
 from api.codec_server import create_codec_app
@@ -20,9 +20,7 @@ from api.problems import install_problem_handlers
 from api.ratelimit import RateLimiter
 from api.refunds import RefundService
 from api.routes import payments, refunds
-from config.logging import (
-    configure_logging,
-)
+from config.logging import LineSampler, configure_logging
 from config.settings import Settings
 from config.temporal import connect_temporal
 from ledger.db import autocommit_session_factory, create_engine, session_factory
@@ -35,7 +33,7 @@ log = structlog.get_logger("api")
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_format, environment=settings.environment)
-    shed_lines = ShedLineSampler(settings.api_shed_log_lines_per_second)
+    shed_lines = LineSampler(settings.api_shed_log_lines_per_second)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

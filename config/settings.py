@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     # Kubernetes scale by replicas instead and keep these at 1.
     api_processes: int = Field(default=1, ge=1)
     worker_processes: int = Field(default=1, ge=1)
+    # The SDK core's coded warnings (a workflow task over 5 s) written per second and
+    # worker process; the rest are counted on a sdk.warnings_suppressed line.
+    worker_core_warning_lines_per_second: int = Field(default=1, ge=0)
 
     # API behaviour
     api_wait_seconds: float = Field(default=5.0, ge=0, le=60)
@@ -92,8 +95,9 @@ class Settings(BaseSettings):
     api_rate_limit_burst: int = Field(default=200, ge=1)
     # Canonical lines of requests turned away (429, 503, 409 in progress) per second and
     # API process; the rest are counted on one http.requests_shed line a second
-    # (api/access_log.py).
-    api_shed_log_lines_per_second: int = Field(default=5, ge=0)
+    # (api/access_log.py). One a second keeps an example with its request id; the
+    # counts carry the rest.
+    api_shed_log_lines_per_second: int = Field(default=1, ge=0)
 
     # Webhooks
     webhook_timeout_seconds: float = 10.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.access_log import ShedLineSampler
+from config.logging import LineSampler
 from domain.payments import PaymentStatus
 from ledger.repositories import PaymentRepository
 from tests.api.conftest import ApiFactory, bearer, store_payment
@@ -21,23 +22,23 @@ VISA = {"amount": 1250, "currency": "EUR", "payment_method": "pm_card_visa"}
 
 def test_a_few_lines_a_second_then_one_count_per_window() -> None:
     now = [100.0]
-    sampler = ShedLineSampler(2, clock=lambda: now[0])
+    sampler = LineSampler(2, clock=lambda: now[0])
 
-    assert [sampler.admit(503, "backlog_full") for _ in range(5)] == [True, True] + [False] * 3
-    assert not sampler.admit(429, "rate_limited")
+    assert [sampler.admit("503 backlog_full") for _ in range(5)] == [True, True] + [False] * 3
+    assert not sampler.admit("429 rate_limited")
     assert sampler.take_summary() is None, "the window has not ended"
 
     now[0] += 1.0
     assert sampler.take_summary() == {"503 backlog_full": 3, "429 rate_limited": 1}
     assert sampler.take_summary() is None, "reported once"
-    assert [sampler.admit(503, "TimeoutError") for _ in range(3)] == [True, True, False]
+    assert [sampler.admit("503 TimeoutError") for _ in range(3)] == [True, True, False]
     # At shutdown the current window is reported too.
     assert sampler.take_summary(force=True) == {"503 TimeoutError": 1}
 
 
 def test_zero_logs_no_shed_request_but_counts_them_all() -> None:
-    sampler = ShedLineSampler(0, clock=lambda: 0.0)
-    assert not any(sampler.admit(429, "rate_limited") for _ in range(4))
+    sampler = LineSampler(0, clock=lambda: 0.0)
+    assert not any(sampler.admit("429 rate_limited") for _ in range(4))
     assert sampler.take_summary(force=True) == {"429 rate_limited": 4}
 
 
@@ -102,3 +103,14 @@ async def test_repeats_told_their_first_request_is_in_progress_are_counted_as_sh
     counted = sum(s["suppressed"].get("409 request_in_progress", 0) for s in summaries)
     assert lines.count(409) + counted == 4
     assert counted >= 2  # one line a second: at most two of four within a second or two
+
+
+async def test_a_request_without_an_id_of_its_own_is_given_a_short_random_one(
+    make_api: ApiFactory,
+) -> None:
+    async with make_api() as http:
+        given = [(await http.get("/healthz")).headers["X-Request-Id"] for _ in range(3)]
+        echoed = (await http.get("/healthz", headers={"X-Request-Id": "req-1"})).headers
+    assert len(set(given)) == 3
+    assert all(re.fullmatch(r"[0-9a-f]{16}", request_id) for request_id in given)
+    assert echoed["X-Request-Id"] == "req-1"

@@ -18,7 +18,11 @@ from temporalio.worker import Replayer, Worker
 
 with workflow.unsafe.imports_passed_through():
     # The sandbox re-imports this module; cryptography cannot be imported twice.
-    from config.logging import ActivityLoggingInterceptor, fold_into_attempt_line
+    from config.logging import (
+        ActivityLoggingInterceptor,
+        add_to_attempt_line,
+        fold_into_attempt_line,
+    )
     from config.settings import venv_bin
     from tests.helpers.temporal import encrypting_data_converter
 
@@ -31,6 +35,7 @@ async def flaky_step(order: str) -> str:
     structlog.get_logger("test").info("step.inside", order=order)
     if attempts[order] == 1:
         raise ApplicationError("provider answered 503", type="ProviderUnavailable")
+    add_to_attempt_line(provider_ref=f"ref-{order}")
     return f"done {order}"
 
 
@@ -92,6 +97,8 @@ async def test_each_attempt_writes_one_line_with_its_outcome_and_context(
         assert line["duration_ms"] >= 0
     # What the activity logs at INFO rides on its attempt's line instead of a line of its own.
     assert [c["events"] for c in canonical] == [["step.inside"], ["step.inside"]]
+    # What an attempt produced rides on its line as fields, without an event name.
+    assert [c.get("provider_ref") for c in canonical] == [None, f"ref-{order}"]
     assert {c["order"] for c in canonical} == {order}
     assert [line["event"] for line in lines] == ["activity.attempt", "activity.attempt"]
 

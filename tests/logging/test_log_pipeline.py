@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import subprocess
 import sys
 import textwrap
@@ -98,6 +99,27 @@ def test_stdlib_loggers_come_out_as_the_same_json() -> None:
         ("sqlalchemy.engine", "theirs"),
     ]
     assert all({"timestamp", "level"} <= line.keys() for line in lines)
+
+
+def test_canonical_lines_go_without_the_logger_name_and_times_to_the_millisecond() -> None:
+    output = _run(
+        """
+        import structlog
+        from config.logging import configure_logging
+        configure_logging("INFO", "json")
+        structlog.get_logger("api").info("http.request", status=201)
+        structlog.get_logger("activity").info("activity.attempt", outcome="completed")
+        structlog.get_logger("api").info("http.requests_shed", total=3)
+        """
+    )
+    lines = [json.loads(line) for line in output.splitlines()]
+    assert [(line["event"], line.get("logger")) for line in lines] == [
+        ("http.request", None),
+        ("activity.attempt", None),
+        ("http.requests_shed", "api"),
+    ]
+    for line in lines:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["timestamp"])
 
 
 def _run_on_a_terminal(program: str, env: dict[str, str]) -> str:
