@@ -48,11 +48,8 @@ class Settings(BaseSettings):
     # default is 30 s, far past the API's own bounded wait).
     database_pool_timeout_seconds: float = Field(default=5.0, gt=0)
     # The API process's own pool for its idempotency reads by key and by id (plain
-    # psycopg, no ORM: ledger/reads.py), besides the pool above. In the default storm
-    # 20 connections timed out 158-1,510 times a run (503s: the loop, not PostgreSQL,
-    # holds a connection across its turns); 60 timed out none. 40 keeps two API and
-    # two worker processes under the dev stack's max_connections (300).
-    database_read_pool_size: int = Field(default=40, ge=1)
+    # psycopg, no ORM: ledger/reads.py), besides the pool above.
+    database_read_pool_size: int = Field(default=20, ge=1)
 
     # Temporal
     temporal_address: str = "127.0.0.1:7233"
