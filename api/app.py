@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,7 +14,13 @@ from api.auth import ApiKeyAuthenticator
 from api.backlog import BacklogGate, processing_counter
 from api.codec_server import create_codec_app
 from api.limits import BodyLimitMiddleware
-from api.metrics import BACKLOG_WAITING, install_metrics
+from api.metrics import (
+    BACKLOG_WAITING,
+    READ_POOL_IN_USE,
+    READ_POOL_WAITING,
+    install_metrics,
+    watch_event_loop,
+)
 from api.openapi import install_openapi
 from api.payments import PaymentService
 from api.problems import install_problem_handlers
@@ -54,6 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await outcomes.start()
         backlog = BacklogGate(processing_counter(reads), settings.api_max_processing_payments)
         BACKLOG_WAITING.set_function(lambda: backlog.queued)
+        READ_POOL_IN_USE.set_function(lambda: lookups.load()[0])
+        READ_POOL_WAITING.set_function(lambda: lookups.load()[1])
         app.state.payments = PaymentService(
             sessions,
             temporal,
@@ -67,7 +76,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.api_rate_limit_per_second, settings.api_rate_limit_burst
         )
         app.state.refunds = RefundService(sessions, temporal, settings.temporal_task_queue)
+        loop_watch = asyncio.create_task(watch_event_loop(), name="event-loop-watch")
         yield
+        loop_watch.cancel()
         await backlog.close()
         log_shed_summary(shed_lines, force=True)
         await outcomes.stop()

@@ -12,10 +12,12 @@ simple and is what ``make run``, the compose file and Kubernetes run.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
 
+import structlog
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import Request
@@ -23,6 +25,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.problems import TYPE_BASE
+
+log = structlog.get_logger("api")
 
 UNMATCHED_ROUTE = "unmatched"
 IDEMPOTENCY_CONFLICT_TYPE = TYPE_BASE + "idempotency-key-reused"
@@ -65,6 +69,44 @@ BACKLOG_WAITING = Gauge(
     "payments_api_backlog_waiting",
     "New payments waiting in this API process for room in the backlog.",
 )
+
+
+READ_POOL_IN_USE = Gauge(
+    "payments_api_read_pool_in_use",
+    "Connections of this API process's read pool (PAYMENTS_DATABASE_READ_POOL_SIZE) "
+    "lent out to requests' idempotency reads.",
+)
+READ_POOL_WAITING = Gauge(
+    "payments_api_read_pool_waiting",
+    "Requests of this API process waiting for a connection of its read pool; past "
+    "PAYMENTS_DATABASE_POOL_TIMEOUT_SECONDS a waiting request is answered 503.",
+)
+
+LOOP_WATCH_INTERVAL_SECONDS = 0.25
+EVENT_LOOP_LAG = Histogram(
+    "payments_api_event_loop_lag_seconds",
+    f"How late this API process's event loop ran a timer due every "
+    f"{LOOP_WATCH_INTERVAL_SECONDS} s: time it was busy or without a CPU. Every request "
+    "waiting on the loop (its database round trips included) waits this long too.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+# A stall this long gets a log line of its own: a request's pooled connection is held
+# across it, so stalls of seconds show up as slow answers and pool timeouts (503).
+LOOP_STALL_LOG_SECONDS = 1.0
+
+
+async def watch_event_loop(
+    interval: float = LOOP_WATCH_INTERVAL_SECONDS, stall: float = LOOP_STALL_LOG_SECONDS
+) -> None:
+    """Runs for the app's lifetime: measures the loop's lag, logs the stalls."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + interval
+        await asyncio.sleep(interval)
+        lag = max(0.0, loop.time() - due)
+        EVENT_LOOP_LAG.observe(lag)
+        if lag >= stall:
+            log.warning("api.event_loop_stalled", lag_ms=round(lag * 1000))
 
 
 def record_backlog_refused() -> None:

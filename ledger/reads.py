@@ -91,6 +91,15 @@ class PooledPaymentReads:
     async def close(self) -> None:
         await self._pool.close()
 
+    def load(self) -> tuple[int, int]:
+        """(connections lent out or being opened, requests waiting for one). Under load
+        a read holds its connection for a turn of the event loop, not for the query's
+        time in PostgreSQL, so the pool's size over the loop's turn bounds the reads
+        per second."""
+        stats = self._pool.get_stats()
+        in_use = stats.get("pool_size", 0) - stats.get("pool_available", 0)
+        return in_use, stats.get("requests_waiting", 0)
+
     async def by_key(self, client_id: str, idempotency_key: str) -> StoredPayment | None:
         async with self._pool.connection() as conn:
             cursor = await conn.execute(_BY_KEY, (client_id, idempotency_key), prepare=True)

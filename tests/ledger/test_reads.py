@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import time
 import uuid
@@ -175,3 +177,20 @@ async def test_a_database_that_cannot_be_reached_raises_a_database_error_in_time
         assert time.monotonic() - started < 5
     finally:
         await reads.close()
+
+
+async def test_the_pool_says_how_many_reads_hold_a_connection_and_how_many_wait(
+    pooled: PooledPaymentReads,
+) -> None:
+    """What the API exports as payments_api_read_pool_in_use / _waiting."""
+    await pooled._pool.wait()  # its first connection opened
+    assert pooled.load() == (0, 0)
+    async with contextlib.AsyncExitStack() as held:
+        for _ in range(3):  # the fixture's pool size
+            await held.enter_async_context(pooled._pool.connection())
+        waiting = asyncio.create_task(pooled.by_key("cli_x", "a-key"))
+        while pooled.load()[1] < 1:
+            await asyncio.sleep(0.01)
+        assert pooled.load() == (3, 1)
+    assert await waiting is None  # served once a connection came back
+    assert pooled.load() == (0, 0)

@@ -8,18 +8,22 @@ from the ledger without Temporal, which is configured at an address nobody serve
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
+import structlog
 from fastapi import Request, Response
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from admin.clients import CreatedClient, create_client_async
 from api.app import create_app
-from api.metrics import record_rate_limited
+from api.metrics import record_rate_limited, watch_event_loop
 from api.problems import Problem
 from config.settings import Settings
 from devstack.ports import free_port
@@ -239,3 +243,25 @@ async def test_an_unhandled_error_is_counted_as_the_500_the_client_gets(database
         - _value(before, "payments_api_requests_total", **labels)
         == 1
     )
+
+
+def _loop_lag(suffix: str, **labels: str) -> float:
+    value = REGISTRY.get_sample_value(f"payments_api_event_loop_lag_seconds{suffix}", labels)
+    return value or 0.0
+
+
+async def test_a_stalled_event_loop_is_measured_and_logged() -> None:
+    count, on_time = _loop_lag("_count"), _loop_lag("_bucket", le="0.25")
+    with structlog.testing.capture_logs() as logs:
+        watch = asyncio.create_task(watch_event_loop(interval=0.05, stall=0.2))
+        await asyncio.sleep(0.2)  # ticks on time
+        time.sleep(0.4)  # noqa: ASYNC251 - the point: a synchronous step holding the loop
+        await asyncio.sleep(0.2)
+        watch.cancel()
+
+    ticks = _loop_lag("_count") - count
+    assert ticks >= 4
+    assert _loop_lag("_bucket", le="0.25") - on_time == ticks - 1, "one tick came late"
+    stalls = [line for line in logs if line["event"] == "api.event_loop_stalled"]
+    assert len(stalls) == 1
+    assert 300 <= stalls[0]["lag_ms"] <= 400
