@@ -290,13 +290,8 @@ class PaymentService:
                     # open finds the row.
                     opened = await self._open_row(payment_input)
         except BacklogFull as full:
-            # A request with this key on another API process may have opened its row
-            # meanwhile. The listener says so (the row's opening is announced), so the
-            # ledger is read again only then or while the listener is away: in the storm
-            # benchmark 20,000 refusals each re-read it, in waves as their waits ran out,
-            # and found nothing. (A notice still in flight makes a 503 whose retry finds
-            # the payment: nothing is charged twice.)
-            stored = await self._stored(client_id, key) if self._may_have_changed(changes) else None
+            # Another request with this key may have got in meanwhile.
+            stored = await self._stored(client_id, key)
             if stored is None:
                 record_backlog_refused()
                 raise backlog_full(full.retry_after, full.queued) from full
@@ -318,14 +313,6 @@ class PaymentService:
             request_id if created else None,
             (deadline if created else replay_deadline, deadline),
             opened,
-        )
-
-    def _may_have_changed(self, changes: PaymentChanges) -> bool:
-        """Whether the payment may have a row or an outcome since it was last read."""
-        return (
-            self._outcomes is None
-            or not self._outcomes.connected.is_set()
-            or changes.changed.is_set()
         )
 
     async def _behind(
