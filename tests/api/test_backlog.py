@@ -14,13 +14,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.backlog import BacklogFull, BacklogGate
-from domain.payments import (
-    PaymentInput,
-    PaymentRequest,
-    PaymentStatus,
-    RecordOutcomeInput,
-    payment_id_for,
-)
+from domain.payments import PaymentStatus, RecordOutcomeInput
 from ledger.repositories import PaymentRepository
 from tests.api.conftest import ApiFactory, bearer, store_payment
 
@@ -252,31 +246,25 @@ async def test_a_row_opened_elsewhere_while_queued_is_answered_instead_of_a_503(
     new_client: Callable[..., Any],
 ) -> None:
     """A request with the same key on another API process got in while this one waited
-    for room: its row's opening is announced, so this request answers that payment
-    when its wait runs out, rather than 503 "nothing was started"."""
+    for room: when its wait runs out this request finds that payment in the ledger and
+    answers it, rather than 503 "nothing was started"."""
     client = await new_client()
     await store_payment(sessions, client.client_id, status=PaymentStatus.PROCESSING)
     limit = await _processing(sessions)
     key = str(uuid.uuid4())
     headers = {**bearer(client.api_key), "Idempotency-Key": key}
-    request = PaymentRequest(amount=1250, currency="EUR", payment_method="pm_card_visa")
-    elsewhere = PaymentInput(
-        payment_id=payment_id_for(client.client_id, key),
-        client_id=client.client_id,
-        idempotency_key=key,
-        request=request,
-        request_fingerprint=request.fingerprint(),
-        origin_request_id="request-on-another-process",
-    )
     async with make_api(api_max_processing_payments=limit, api_wait_seconds=2) as api:
         queued = asyncio.create_task(api.post("/v1/payments", json=VISA, headers=headers))
         while _sample((await api.get("/metrics")).text, "payments_api_backlog_waiting") < 1:
             await asyncio.sleep(0.02)
-        async with sessions() as session, session.begin():
-            opened = await PaymentRepository(session).open(elsewhere)
+        # As another process's request would: the row opened with the same body under
+        # the same key.
+        opened_id = await store_payment(
+            sessions, client.client_id, status=PaymentStatus.PROCESSING, key=key
+        )
         answer = await queued
 
     assert answer.status_code == 202, answer.text
-    assert answer.json()["id"] == opened.payment.id
+    assert answer.json()["id"] == opened_id
     assert answer.json()["status"] == "processing"
     assert answer.headers["Idempotent-Replayed"] == "true"
