@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -207,6 +208,22 @@ async def test_over_the_limit_a_new_payment_is_503_backlog_full_and_a_duplicate_
         assert admitted.json()["type"] == TYPES + "service-unavailable"
 
 
+async def _full_backlog(sessions: async_sessionmaker[AsyncSession], client_id: str) -> int:
+    """One more payment in flight, and the limit at which the backlog is now full."""
+    await store_payment(sessions, client_id, status=PaymentStatus.PROCESSING)
+    return await _processing(sessions)
+
+
+async def _queued_for_room(
+    api: httpx.AsyncClient, headers: dict[str, str]
+) -> asyncio.Task[httpx.Response]:
+    """A new payment sent, once it waits at the backlog gate."""
+    request = asyncio.create_task(api.post("/v1/payments", json=VISA, headers=headers))
+    while _sample((await api.get("/metrics")).text, "payments_api_backlog_waiting") < 1:
+        await asyncio.sleep(0.02)
+    return request
+
+
 async def test_a_repeat_of_a_payment_queued_for_room_is_409_in_progress_at_once(
     make_api: ApiFactory,
     sessions: async_sessionmaker[AsyncSession],
@@ -215,14 +232,11 @@ async def test_a_repeat_of_a_payment_queued_for_room_is_409_in_progress_at_once(
     """The IETF draft's concurrent-request rule: nothing exists yet for the first request,
     so its repeat is told to come back, rather than taking a second place in the queue."""
     client = await new_client()
-    await store_payment(sessions, client.client_id, status=PaymentStatus.PROCESSING)
-    limit = await _processing(sessions)
+    limit = await _full_backlog(sessions, client.client_id)
     key = str(uuid.uuid4())
     headers = {**bearer(client.api_key), "Idempotency-Key": key}
     async with make_api(api_max_processing_payments=limit, api_wait_seconds=3) as api:
-        first = asyncio.create_task(api.post("/v1/payments", json=VISA, headers=headers))
-        while _sample((await api.get("/metrics")).text, "payments_api_backlog_waiting") < 1:
-            await asyncio.sleep(0.02)
+        first = await _queued_for_room(api, headers)
 
         repeat = await api.post("/v1/payments", json=VISA, headers=headers)
         other_body = await api.post("/v1/payments", json={**VISA, "amount": 999}, headers=headers)
@@ -249,14 +263,11 @@ async def test_a_row_opened_elsewhere_while_queued_is_answered_instead_of_a_503(
     for room: when its wait runs out this request finds that payment in the ledger and
     answers it, rather than 503 "nothing was started"."""
     client = await new_client()
-    await store_payment(sessions, client.client_id, status=PaymentStatus.PROCESSING)
-    limit = await _processing(sessions)
+    limit = await _full_backlog(sessions, client.client_id)
     key = str(uuid.uuid4())
     headers = {**bearer(client.api_key), "Idempotency-Key": key}
     async with make_api(api_max_processing_payments=limit, api_wait_seconds=2) as api:
-        queued = asyncio.create_task(api.post("/v1/payments", json=VISA, headers=headers))
-        while _sample((await api.get("/metrics")).text, "payments_api_backlog_waiting") < 1:
-            await asyncio.sleep(0.02)
+        queued = await _queued_for_room(api, headers)
         # As another process's request would: the row opened with the same body under
         # the same key.
         opened_id = await store_payment(
