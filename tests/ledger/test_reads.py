@@ -30,7 +30,7 @@ from domain.refunds import (
 )
 from ledger.db import autocommit_session_factory
 from ledger.reads import DATABASE_ERRORS, PooledPaymentReads, SessionPaymentReads
-from ledger.repositories import PaymentRepository, RefundRepository
+from ledger.repositories import PaymentRepository, RefundRepository, StoredPayment
 
 
 @pytest.fixture
@@ -156,6 +156,95 @@ async def test_pooled_reads_equal_the_repositories_for_every_kind_of_payment(
     assert await pooled.by_key(client.client_id, "no-such-key") is None
 
 
+async def test_reads_by_key_asked_at_once_share_one_statement_and_each_get_their_own(
+    engine: AsyncEngine,
+    sessions: async_sessionmaker[AsyncSession],
+    pooled: PooledPaymentReads,
+) -> None:
+    """The storm's requests read by key in the same loop turn: one connection and one
+    statement answer them all, each with exactly what it would have read alone."""
+    async with sessions() as session, session.begin():
+        client = await add_client(session, name="batch", webhook_url=None)
+        other = await add_client(session, name="batch-other", webhook_url=None)
+    refunded = await _payment(sessions, client.client_id, PaymentStatus.SUCCEEDED)
+    await _refund(sessions, refunded, 1500, True)
+    second_refunded = await _payment(sessions, client.client_id, PaymentStatus.SUCCEEDED)
+    await _refund(sessions, second_refunded, 300, False)
+    payments = [
+        refunded,
+        second_refunded,
+        await _payment(sessions, client.client_id, None),
+        await _payment(sessions, client.client_id, PaymentStatus.FAILED),
+        await _payment(sessions, other.client_id, PaymentStatus.SUCCEEDED),
+    ]
+    asked = [(p.client_id, p.idempotency_key) for p in payments]
+    asked += [
+        (refunded.client_id, refunded.idempotency_key),  # the same key twice
+        (other.client_id, refunded.idempotency_key),  # another client's key
+        (client.client_id, "no-such-key"),
+    ]
+    await pooled._pool.wait()
+    connections_before = pooled._pool.get_stats().get("requests_num", 0)
+
+    answers = await asyncio.gather(*(pooled.by_key(c, k) for c, k in asked))
+
+    assert pooled._pool.get_stats().get("requests_num", 0) == connections_before + 1
+    orm = SessionPaymentReads(autocommit_session_factory(engine))
+    for (client_id, key), answer in zip(asked, answers, strict=True):
+        assert answer == await orm.by_key(client_id, key)
+    assert answers[-2:] == [None, None]
+    assert answers[0] is not None
+    assert answers[1] is not None
+    assert [r.amount for r in answers[0].payment.refunds] == [1500]
+    assert [r.status for r in answers[1].payment.refunds] == [RefundStatus.FAILED]
+    assert answers[4] is not None
+    assert answers[4].payment.client_id == other.client_id
+
+
+async def test_keys_past_the_batch_limit_go_in_the_next_batch(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    async with sessions() as session, session.begin():
+        client = await add_client(session, name="batch-limit", webhook_url=None)
+    payments = [await _payment(sessions, client.client_id, PaymentStatus.FAILED) for _ in range(5)]
+    url = engine.url.render_as_string(hide_password=False)
+    reads = PooledPaymentReads.create(url, size=3, timeout=5, batch_limit=2)
+    await reads.open()
+    try:
+        await reads._pool.wait()
+        answers = await asyncio.gather(
+            *(reads.by_key(p.client_id, p.idempotency_key) for p in payments)
+        )
+        assert reads._pool.get_stats().get("requests_num", 0) == 3  # 2 + 2 + 1 keys
+    finally:
+        await reads.close()
+    assert [a.payment.id if a else None for a in answers] == [p.payment_id for p in payments]
+
+
+async def test_an_asker_that_gives_up_leaves_the_others_their_answers(
+    sessions: async_sessionmaker[AsyncSession], pooled: PooledPaymentReads
+) -> None:
+    """A request cancelled (its client left) while its batch waits for a connection."""
+    async with sessions() as session, session.begin():
+        client = await add_client(session, name="batch-cancel", webhook_url=None)
+    payments = [await _payment(sessions, client.client_id, None) for _ in range(3)]
+    async with contextlib.AsyncExitStack() as held:
+        for _ in range(3):  # the fixture's pool size
+            await held.enter_async_context(pooled._pool.connection())
+        askers = [
+            asyncio.create_task(pooled.by_key(p.client_id, p.idempotency_key)) for p in payments
+        ]
+        while pooled.load()[1] < 1:
+            await asyncio.sleep(0.01)
+        askers[1].cancel()
+    first, second, third = await asyncio.gather(*askers, return_exceptions=True)
+    assert isinstance(second, asyncio.CancelledError)
+    assert isinstance(first, StoredPayment)
+    assert first.payment.id == payments[0].payment_id
+    assert isinstance(third, StoredPayment)
+    assert third.payment.id == payments[2].payment_id
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -175,6 +264,11 @@ async def test_a_database_that_cannot_be_reached_raises_a_database_error_in_time
         with pytest.raises(DATABASE_ERRORS):
             await reads.by_key("cli_x", "key")
         assert time.monotonic() - started < 5
+        # Every asker of a batch gets the error, not only the first.
+        answers = await asyncio.gather(
+            *(reads.by_key("cli_x", f"key-{n}") for n in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(answer, DATABASE_ERRORS) for answer in answers), answers
     finally:
         await reads.close()
 
