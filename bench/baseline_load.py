@@ -12,7 +12,16 @@ from typing import Any
 from temporalio.client import Client
 
 from bench.baseline_workflows import BASELINE_TASK_QUEUE
-from bench.loadgen import DONE, ERRORS, SENT, SLOTS, GeneratorResult, Record, _cpu_seconds
+from bench.loadgen import (
+    DONE,
+    ERRORS,
+    SENT,
+    SLOTS,
+    GeneratorResult,
+    Record,
+    _cpu_seconds,
+    bind_to_bench,
+)
 from config.settings import Settings
 from config.temporal import data_converter
 
@@ -73,6 +82,7 @@ def baseline_main(
     results: Any,
 ) -> None:
     """Process entry point (spawned)."""
+    bind_to_bench()
     result = asyncio.run(
         _drive(address, namespace, workflow, steps, ids, concurrency, progress, slot)
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import os
 import resource
 import sys
@@ -20,10 +21,21 @@ from typing import Any
 
 from bench.plan import Credentials, KeyPlan, Kind, Plan
 from bench.rawhttp import Connection, HttpError, build_request
+from devstack.processes import die_with_parent
 
 # Slots per generator in the shared progress array.
 SENT, DONE, ERRORS = 0, 1, 2
 SLOTS = 3
+
+
+def bind_to_bench() -> None:
+    """First thing in a spawned generator: it dies with the benchmark, whatever ends
+    it (Ctrl-C, SIGTERM, a crash); a generator left behind would go on loading the
+    machine and skew the next run's figures."""
+    die_with_parent()
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)  # the benchmark ended before the binding took effect
 
 
 @dataclass(frozen=True)
@@ -182,6 +194,7 @@ def generator_main(
     retries: int,
 ) -> None:
     """Process entry point (spawned): drive the shard, hand back records and own CPU."""
+    bind_to_bench()
     result = asyncio.run(
         _drive(plan, credentials, host, port, concurrency, progress, slot, retries)
     )

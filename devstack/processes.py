@@ -24,9 +24,9 @@ class ServiceFailed(RuntimeError):
     """A service exited or never became ready; the message carries its last output."""
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # The kernel sends SIGKILL to the child if the thread that spawned it dies, so
-    # nothing outlives a crashed `make run` or test session.
+    # nothing outlives a crashed `make run`, test session or benchmark.
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -83,7 +83,7 @@ class ManagedProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
             user=self.user,
         )
         threading.Thread(
