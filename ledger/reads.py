@@ -68,6 +68,8 @@ _REFUNDS_OF = (
 )
 # Keys read by one statement at most; more waiting start the next batch at once.
 BATCH_LIMIT = 256
+# (client id, key) asked for, each with the futures of the requests that asked.
+_Askers = dict[tuple[str, str], list[asyncio.Future[StoredPayment | None]]]
 
 # What a read raises when PostgreSQL is away or the pool has no connection in time
 # (psycopg_pool.PoolTimeout is an OperationalError): the API answers 503.
@@ -93,8 +95,8 @@ class PooledPaymentReads:
     ) -> None:
         self._pool = pool
         self._batch_limit = batch_limit
-        # Keys asked for and not yet taken by a batch, each with its askers' futures.
-        self._asked: dict[tuple[str, str], list[asyncio.Future[StoredPayment | None]]] = {}
+        # Keys asked for and not yet taken by a batch.
+        self._asked: _Askers = {}
         # The batch still waiting for a connection: new keys join it.
         self._gathering: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
@@ -148,7 +150,7 @@ class PooledPaymentReads:
         self._batches.add(batch)
         batch.add_done_callback(self._batches.discard)
 
-    def _take_asked(self) -> dict[tuple[str, str], list[asyncio.Future[StoredPayment | None]]]:
+    def _take_asked(self) -> _Askers:
         """The keys for this batch; past the limit the rest start the next batch."""
         self._gathering = None
         if len(self._asked) <= self._batch_limit:
@@ -160,7 +162,7 @@ class PooledPaymentReads:
         return taken
 
     async def _read_batch(self) -> None:
-        taken: dict[tuple[str, str], list[asyncio.Future[StoredPayment | None]]] | None = None
+        taken: _Askers | None = None
         try:
             async with self._pool.connection() as conn:
                 # Everything asked for while this batch waited for its connection.
