@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 
-from config.settings import DEV_PROVIDER_API_KEY
+from config.settings import DEV_PROVIDER_API_KEY, Settings
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +40,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     stack = parser.add_argument_group("the stack")
     stack.add_argument("--workers", type=int, default=1, help="worker processes")
     stack.add_argument("--api-processes", type=int, default=1, help="uvicorn workers")
+    stack.add_argument(
+        "--background-nice",
+        type=int,
+        default=Settings().background_nice,
+        help="nice value of the workers (the baseline's too) and the Temporal server",
+    )
     stack.add_argument("--target", help="API URL of a running stack instead of starting one")
     stack.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
     stack.add_argument("--temporal-address", default="127.0.0.1:7233")

@@ -459,7 +459,9 @@ async def baseline(
     }
 
 
-def _baseline_workers(target: Target, count: int, logs_dir: Path) -> list[ManagedProcess]:
+def _baseline_workers(
+    target: Target, count: int, logs_dir: Path, nice: int
+) -> list[ManagedProcess]:
     env = (
         target.stack.settings_env()
         if target.stack
@@ -472,6 +474,7 @@ def _baseline_workers(target: Target, count: int, logs_dir: Path) -> list[Manage
             env=env,
             cwd=REPO_ROOT,
             log_path=logs_dir / f"baseline-worker-{n}.log",
+            nice=nice,  # as the payments' worker runs
         )
         for n in range(1, count + 1)
     ]
@@ -496,6 +499,7 @@ async def _start_target(args: argparse.Namespace) -> Target:
         ports=StackPorts.free(),
         api_processes=args.api_processes,
         worker_processes=args.workers,
+        background_nice=args.background_nice,
     )
     stack = Stack(config)
     print(f"Starting the stack in {data_dir} (api processes {args.api_processes}, "
@@ -565,7 +569,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         if not args.no_baseline:
             logs_dir = target.stack.logs_dir if target.stack else BENCH_DIR / "logs"
-            baseline_workers = _baseline_workers(target, args.workers, logs_dir)
+            baseline_workers = _baseline_workers(
+                target, args.workers, logs_dir, args.background_nice
+            )
             for worker in baseline_workers:
                 worker.start()
                 await worker.wait_ready(

@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     # Kubernetes scale by replicas instead and keep these at 1.
     api_processes: int = Field(default=1, ge=1)
     worker_processes: int = Field(default=1, ge=1)
+    # On one host, the worker and the Temporal dev server run at this nice value, below
+    # the API: they are the bulk of the CPU, the API's share is small and clients wait
+    # on it. In the storm benchmark at equal priority the API's event loop waited for a
+    # CPU about as long as it ran, and replays of a recorded payment took 0.3-1.6 s
+    # (docs/scaling.md). 0 runs everything alike.
+    background_nice: int = Field(default=10, ge=0, le=19)
     # The SDK core's coded warnings (a workflow task over 5 s) written per second and
     # worker process; the rest are counted on a sdk.warnings_suppressed line.
     worker_core_warning_lines_per_second: int = Field(default=1, ge=0)

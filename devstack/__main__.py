@@ -40,6 +40,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     settings = Settings()
     run.add_argument("--api-processes", type=int, default=settings.api_processes)
     run.add_argument("--worker-processes", type=int, default=settings.worker_processes)
+    run.add_argument(
+        "--background-nice",
+        type=int,
+        default=settings.background_nice,
+        help="nice value of the worker and the Temporal server, below the API's",
+    )
     return parser.parse_args(argv)
 
 
@@ -118,6 +124,7 @@ async def _run(args: argparse.Namespace) -> int:
         log_format="console",
         api_processes=args.api_processes,
         worker_processes=args.worker_processes,
+        background_nice=args.background_nice,
     )
     stack = Stack(config)
     print(f"Starting the stack (data in {config.data_dir}) ...", flush=True)

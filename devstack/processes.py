@@ -31,6 +31,20 @@ def die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def lower_priority(nice: int) -> None:
+    """Run the calling process's threads, and the ones it starts, at ``nice``.
+
+    Called in a child that has just started its own session: where the kernel groups
+    CPU time by session (autogroup, the default of most Linux distributions), a nice
+    value weighs only against the session's own threads, so the session's is set too.
+    """
+    if nice <= 0:
+        return
+    os.setpriority(os.PRIO_PROCESS, 0, nice)
+    with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as autogroup:
+        autogroup.write(str(nice))
+
+
 class ManagedProcess:
     def __init__(
         self,
@@ -42,8 +56,10 @@ class ManagedProcess:
         log_path: Path | None = None,
         user: str | None = None,
         echo: bool = False,
+        nice: int = 0,
     ) -> None:
         self.name = name
+        self.nice = nice
         self.argv = list(argv)
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
@@ -83,12 +99,17 @@ class ManagedProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=die_with_parent,
+            preexec_fn=self._prepare_child,
             user=self.user,
         )
         threading.Thread(
             target=self._pump, args=(self._process,), name=f"pump-{self.name}", daemon=True
         ).start()
+
+    def _prepare_child(self) -> None:
+        # In the child, after its new session began (subprocess calls setsid first).
+        die_with_parent()
+        lower_priority(self.nice)
 
     def _pump(self, process: subprocess.Popen[bytes]) -> None:
         assert process.stdout is not None

@@ -110,6 +110,8 @@ class StackConfig:
     # Scale-out on one host: uvicorn worker processes for the API, worker.py processes.
     api_processes: int = 1
     worker_processes: int = 1
+    # The worker's and the Temporal server's nice value (Settings.background_nice).
+    background_nice: int = 0
     # The worker's alone, over the rest: fault tests route it through a proxy this way.
     worker_env: dict[str, str] = field(default_factory=dict)
 
@@ -143,6 +145,7 @@ class Stack:
             http_port=free_port(),
             metrics_port=self.temporal_metrics_port,
             ui_codec_endpoint=self.codec_url if ports.temporal_ui is not None else None,
+            nice=config.background_nice,
             **self._output("temporal"),
         )
         self.provider = ManagedProcess(
@@ -276,6 +279,7 @@ class Stack:
                 **self.worker_env,
             },
             cwd=REPO_ROOT,
+            nice=self.config.background_nice,
             **self._output(name),
         )
 

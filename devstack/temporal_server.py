@@ -28,6 +28,7 @@ class TemporalDevServer:
         echo: bool = False,
         temporal_cli: str | None = None,
         ui_codec_endpoint: str | None = None,
+        nice: int = 0,
     ) -> None:
         self.db_file = db_file
         self.host = host
@@ -53,7 +54,7 @@ class TemporalDevServer:
             argv += ["--ui-codec-endpoint", ui_codec_endpoint]
         for registration in search_attributes.cli_registrations():
             argv += ["--search-attribute", registration]
-        self.process = ManagedProcess("temporal", argv, log_path=log_path, echo=echo)
+        self.process = ManagedProcess("temporal", argv, log_path=log_path, echo=echo, nice=nice)
 
     @property
     def address(self) -> str:

@@ -1,5 +1,6 @@
 """``make run`` with several API and worker processes: every one serves, payments go
-through, stopping the stack stops them all."""
+through, the workers and the Temporal server run below the API's priority, stopping
+the stack stops them all."""
 
 from __future__ import annotations
 
@@ -24,7 +25,11 @@ pytestmark = pytest.mark.e2e
 async def test_two_api_and_two_worker_processes_serve_payments(tmp_path: Path) -> None:
     config = StackConfig.for_tests(tmp_path)
     config = StackConfig(
-        data_dir=config.data_dir, ports=config.ports, api_processes=2, worker_processes=2
+        data_dir=config.data_dir,
+        ports=config.ports,
+        api_processes=2,
+        worker_processes=2,
+        background_nice=5,
     )
     stack = Stack(config)
     await stack.start()
@@ -46,6 +51,13 @@ async def test_two_api_and_two_worker_processes_serve_payments(tmp_path: Path) -
         assert stack.api.pid is not None
         api_children = psutil.Process(stack.api.pid).children(recursive=True)
         assert len([c for c in api_children if "python" in c.name()]) >= 2
+
+        ours = psutil.Process().nice()
+        assert stack.temporal.process.pid is not None
+        background = [w.pid for w in workers] + [stack.temporal.process.pid]
+        assert [psutil.Process(pid).nice() for pid in background] == [5, 5, 5]
+        front = [stack.api.pid, *(c.pid for c in api_children)]
+        assert {psutil.Process(pid).nice() for pid in front} == {ours}
 
         async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
             for _ in range(4):
