@@ -8,6 +8,7 @@ import os
 import sys
 
 from config.settings import DEV_PROVIDER_API_KEY, Settings
+from devstack.processes import nice_value
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +43,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     stack.add_argument("--api-processes", type=int, default=1, help="uvicorn workers")
     stack.add_argument(
         "--background-nice",
-        type=int,
+        type=nice_value,
         default=Settings().background_nice,
         help="nice value of the workers (the baseline's too) and the Temporal server",
     )

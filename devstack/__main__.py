@@ -15,7 +15,7 @@ from pathlib import Path
 from config.settings import Settings
 from devstack import histories
 from devstack.ports import port_in_use
-from devstack.processes import ServiceFailed
+from devstack.processes import ServiceFailed, nice_value
 from devstack.stack import REPO_ROOT, Stack, StackConfig, StackPorts
 
 
@@ -42,7 +42,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--worker-processes", type=int, default=settings.worker_processes)
     run.add_argument(
         "--background-nice",
-        type=int,
+        type=nice_value,
         default=settings.background_nice,
         help="nice value of the worker and the Temporal server, below the API's",
     )

@@ -3,6 +3,7 @@ prefixed in the terminal or kept in a log file."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import ctypes
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import IO
 
 _PR_SET_PDEATHSIG = 1
+MAX_NICE = 19
 
 
 class ServiceFailed(RuntimeError):
@@ -43,6 +45,14 @@ def lower_priority(nice: int) -> None:
     os.setpriority(os.PRIO_PROCESS, 0, nice)
     with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as autogroup:
         autogroup.write(str(nice))
+
+
+def nice_value(text: str) -> int:
+    """``--background-nice``'s type: the range Linux takes, said at once, not clamped."""
+    value = int(text)
+    if not 0 <= value <= MAX_NICE:
+        raise argparse.ArgumentTypeError(f"{value} is not a nice value from 0 to {MAX_NICE}")
+    return value
 
 
 class ManagedProcess:

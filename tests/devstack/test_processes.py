@@ -3,11 +3,17 @@ its session's too where the kernel shares CPU time between sessions (autogroup).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from bench.__main__ import parse as bench_parse
+from devstack.__main__ import _parse as devstack_parse
 from devstack.processes import ManagedProcess
 
 # Kernels built without autogroup have only the per-thread nice value.
@@ -53,3 +59,15 @@ async def test_a_child_without_a_nice_value_runs_as_its_parent(tmp_path: Path) -
     assert (main, thread) == (ours, ours)
     if AUTOGROUP:
         assert group == "0"
+
+
+@pytest.mark.parametrize("parse", [devstack_parse, bench_parse], ids=["make run", "bench"])
+def test_a_nice_value_out_of_range_is_refused_by_name(
+    parse: Callable[[list[str]], argparse.Namespace], capsys: pytest.CaptureFixture[str]
+) -> None:
+    command = ["run"] if parse is devstack_parse else []
+    assert parse([*command, "--background-nice", "4"]).background_nice == 4
+    with pytest.raises(SystemExit) as refused:
+        parse([*command, "--background-nice", "20"])
+    assert refused.value.code == 2
+    assert "20 is not a nice value from 0 to 19" in capsys.readouterr().err
