@@ -243,6 +243,8 @@ class PaymentRepository:
         if row.status != PaymentStatus.PROCESSING.value:
             return await self._with_refunds(row)
 
+        # RETURNING brings the server's updated_at and version back into ``row``
+        # (populate_existing), in the statement's own round trip.
         await self._session.execute(
             update(PaymentRow)
             .where(PaymentRow.id == row.id)
@@ -254,6 +256,8 @@ class PaymentRepository:
                 updated_at=func.now(),
                 version=PaymentRow.version + 1,
             )
+            .returning(PaymentRow)
+            .execution_options(populate_existing=True)
         )
         # Delivered at commit only: wakes the API requests waiting on this payment.
         await self._session.execute(select(func.pg_notify(OUTCOME_CHANNEL, row.id)))
@@ -278,8 +282,9 @@ class PaymentRepository:
                     ]
                 )
             )
-        await self._session.refresh(row)
-        return await self._with_refunds(row)
+        # No refunds to read: a payment takes refunds only once succeeded, and this one
+        # was processing until now, under its row lock.
+        return payment_to_domain(row, [])
 
     async def list_for_client(
         self,

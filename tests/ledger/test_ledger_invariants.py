@@ -5,12 +5,18 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from admin.clients import add_client
-from domain.payments import PaymentInput, PaymentRequest, payment_id_for
+from domain.payments import (
+    PaymentInput,
+    PaymentRequest,
+    PaymentStatus,
+    RecordOutcomeInput,
+    payment_id_for,
+)
 from ledger.repositories import PaymentRepository
 from ledger.tables import LedgerEntry
 
@@ -69,3 +75,41 @@ async def test_one_key_per_client_is_one_payment_row(
         )
     assert again.payment.amount == 900, "the first request's row stands"
     assert again.request_fingerprint == payment.request_fingerprint
+
+
+@pytest.mark.parametrize("status", [PaymentStatus.SUCCEEDED, PaymentStatus.FAILED])
+async def test_a_recorded_outcome_is_returned_as_stored_and_recorded_once(
+    sessions: async_sessionmaker[AsyncSession], status: PaymentStatus
+) -> None:
+    payment = await _opened_payment(sessions)
+    outcome = RecordOutcomeInput(
+        payment_id=payment.payment_id,
+        status=status,
+        provider_charge_id="ch_1" if status is PaymentStatus.SUCCEEDED else None,
+        failure_code=None if status is PaymentStatus.SUCCEEDED else "card_declined",
+        failure_message=None if status is PaymentStatus.SUCCEEDED else "Declined",
+    )
+    async with sessions() as session, session.begin():
+        recorded = await PaymentRepository(session).record_outcome(outcome)
+    async with sessions() as session:
+        stored = await PaymentRepository(session).get_by_id(payment.payment_id)
+        entries = (
+            await session.scalars(
+                select(LedgerEntry.amount).where(LedgerEntry.payment_id == payment.payment_id)
+            )
+        ).all()
+    # What the webhook and the waiting requests are told is the row as committed: the
+    # server's updated_at and the bumped version (the webhook's sequence) included.
+    assert recorded == stored
+    assert recorded.status is status
+    assert recorded.version == 2
+    assert sorted(entries) == ([-900, 900] if status is PaymentStatus.SUCCEEDED else [])
+
+    async with sessions() as session, session.begin():
+        again = await PaymentRepository(session).record_outcome(outcome)
+    assert again == stored
+    async with sessions() as session:
+        count = await session.scalar(
+            select(func.count()).where(LedgerEntry.payment_id == payment.payment_id)
+        )
+    assert count == len(entries)
