@@ -30,6 +30,7 @@ from config.logging import ActivityLoggingInterceptor, configure_logging
 from config.settings import Settings
 from config.temporal import connect_temporal
 from ledger.db import create_engine, session_factory
+from ledger.payment_sql import PooledPaymentLedger
 from workflows.payment import PaymentWorkflow
 from workflows.refund import RefundWorkflow
 
@@ -49,7 +50,13 @@ async def run_worker(settings: Settings) -> None:
         timeout=settings.webhook_timeout_seconds, follow_redirects=False
     )
     webhooks = WebhookSender(webhook_http, allow_loopback=settings.webhook_allow_loopback)
-    activities = PaymentActivities(session_factory(engine), provider, webhooks)
+    ledger = PooledPaymentLedger.create(
+        settings.database_url,
+        size=settings.database_pool_size + settings.database_max_overflow,
+        timeout=settings.database_pool_timeout_seconds,
+    )
+    await ledger.open()
+    activities = PaymentActivities(ledger, provider, webhooks)
     install_sdk_runtime(settings)  # before the client: it uses the default runtime
     refunds = RefundActivities(session_factory(engine), provider)
     client: Client = await connect_temporal(settings)
@@ -85,6 +92,7 @@ async def run_worker(settings: Settings) -> None:
     await metrics.stop()
     await provider.aclose()
     await webhook_http.aclose()
+    await ledger.close()
     await engine.dispose()
     log.info("worker.stopped")
 

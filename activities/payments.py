@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
@@ -34,7 +33,7 @@ from domain.payments import (
     Payment,
     RecordOutcomeInput,
 )
-from ledger.repositories import ClientRepository, PaymentRepository
+from ledger.payment_sql import PooledPaymentLedger
 
 # Stripe reports most declines as code ``card_declined`` with the reason in
 # ``decline_code``; clients want the reason when it is a specific one.
@@ -48,19 +47,18 @@ def decline_failure_code(code: str, decline_code: str | None) -> str:
 class PaymentActivities:
     def __init__(
         self,
-        sessions: async_sessionmaker[AsyncSession],
+        ledger: PooledPaymentLedger,
         provider: ProviderClient,
         webhooks: WebhookSender,
     ) -> None:
-        self._sessions = sessions
+        self._ledger = ledger
         self._provider = provider
         self._webhooks = webhooks
 
     @activity.defn(name="open_payment")
     async def open_payment(self, input: OpenPaymentInput) -> Payment:
         with metrics.ledger_write("open_payment"):
-            async with self._sessions() as session, session.begin():
-                stored = await PaymentRepository(session).open(input.payment)
+            stored = await self._ledger.open_payment(input.payment)
         if stored.request_fingerprint != input.payment.request_fingerprint:
             # Only reachable once Temporal has forgotten the first run: the ledger still judges.
             raise ApplicationError(
@@ -121,22 +119,18 @@ class PaymentActivities:
     @activity.defn(name="record_outcome")
     async def record_outcome(self, input: RecordOutcomeInput) -> Payment:
         with metrics.ledger_write("record_outcome"):
-            async with self._sessions() as session, session.begin():
-                payment = await PaymentRepository(session).record_outcome(input)
+            payment = await self._ledger.record_outcome(input)
         metrics.payment_recorded(payment)
         add_to_attempt_line(payment_id=payment.id, status=str(payment.status))
         return payment
 
     @activity.defn(name="notify_webhook")
     async def notify_webhook(self, input: NotifyInput) -> None:
-        async with self._sessions() as session:
-            payment = await PaymentRepository(session).get_by_id(input.payment_id)
-            target = (
-                None
-                if payment is None
-                else await ClientRepository(session).webhook_target(payment.client_id)
-            )
-        if payment is None or target is None or not target.url:
+        found = await self._ledger.payment_for_webhook(input.payment_id)
+        if found is None:
+            return
+        payment, target = found
+        if not target.url:
             return  # no receiver configured: nothing to deliver
         event = build_event(
             event_type=input.event_type,

@@ -68,9 +68,10 @@ from domain.payments import (
     payment_id_for,
     payment_workflow_id,
 )
+from ledger.mapping import StoredPayment
 from ledger.outcomes import OutcomeListener, PaymentChanges
 from ledger.reads import DATABASE_ERRORS, PaymentReads, SessionPaymentReads
-from ledger.repositories import PaymentPage, PaymentRepository, StoredPayment
+from ledger.repositories import PaymentPage, PaymentRepository
 from workflows.payment import PaymentWorkflow
 
 _TRANSIENT_RPC = {

@@ -31,13 +31,9 @@ from psycopg_pool import AsyncConnectionPool
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from domain.payments import Payment, PaymentStatus
+from ledger.mapping import StoredPayment, payment_to_domain, refund_to_domain
 from ledger.outcomes import libpq_url
-from ledger.repositories import (
-    PaymentRepository,
-    StoredPayment,
-    payment_to_domain,
-    refund_to_domain,
-)
+from ledger.repositories import PaymentRepository
 
 # The columns ``Payment`` and ``StoredPayment`` need, and nothing else, for many keys
 # at once. The two ANY conditions let the unique index on (client_id, idempotency_key)

@@ -1,9 +1,12 @@
-"""All SQL lives here. Repositories never commit: the caller owns the transaction."""
+"""The ledger through the ORM. Repositories never commit: the caller owns the transaction.
+
+The statements on every payment's path are plain SQL in ``ledger.payment_sql``; the
+API's idempotency reads are in ``ledger.reads``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import delete, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
@@ -14,7 +17,6 @@ from domain.payments import (
     PaymentInput,
     PaymentStatus,
     RecordOutcomeInput,
-    payment_workflow_id,
 )
 from domain.refunds import (
     RecordRefundInput,
@@ -26,7 +28,16 @@ from domain.refunds import (
     refund_entry_kind,
     refund_workflow_id,
 )
-from ledger.outcomes import OUTCOME_CHANNEL, row_opened_payload
+from ledger import payment_sql
+from ledger.mapping import (
+    PROVIDER_RECEIVABLE_ACCOUNT,
+    StoredPayment,
+    WebhookTarget,
+    client_payable_account,
+    isoformat_utc,
+    payment_to_domain,
+    refund_to_domain,
+)
 from ledger.tables import (
     ApiClient,
     ApiKey,
@@ -35,20 +46,6 @@ from ledger.tables import (
     PreviousWebhookSecret,
     RefundRow,
 )
-
-PROVIDER_RECEIVABLE_ACCOUNT = "provider:receivable"
-
-
-def client_payable_account(client_id: str) -> str:
-    return f"client:{client_id}:payable"
-
-
-@dataclass(frozen=True)
-class StoredPayment:
-    payment: Payment
-    request_fingerprint: str
-    # The API request whose start created the run (None on rows older than the column).
-    origin_request_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,60 +73,6 @@ class PaymentPage:
 
 class UnknownCursor(LookupError):
     """``starting_after`` names no payment of this client."""
-
-
-@dataclass(frozen=True)
-class WebhookTarget:
-    url: str | None
-    secret: str
-    # Replaced secrets still inside their rotation overlap, newest first.
-    previous_secrets: tuple[str, ...] = ()
-
-    @property
-    def signing_secrets(self) -> tuple[str, ...]:
-        """Every secret a delivery is signed with: the current one first."""
-        return (self.secret, *self.previous_secrets)
-
-
-def isoformat_utc(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def payment_to_domain(row: PaymentRow, refunds: list[Refund] | None = None) -> Payment:
-    return Payment(
-        id=row.id,
-        client_id=row.client_id,
-        idempotency_key=row.idempotency_key,
-        status=PaymentStatus(row.status),
-        amount=row.amount,
-        currency=row.currency,
-        description=row.description,
-        metadata=dict(row.metadata_ or {}),
-        failure_code=row.failure_code,
-        failure_message=row.failure_message,
-        provider_charge_id=row.provider_charge_id,
-        created_at=isoformat_utc(row.created_at),
-        updated_at=isoformat_utc(row.updated_at),
-        refunds=list(refunds or []),
-        version=row.version,
-    )
-
-
-def refund_to_domain(row: RefundRow) -> Refund:
-    return Refund(
-        id=row.id,
-        payment_id=row.payment_id,
-        idempotency_key=row.idempotency_key,
-        status=RefundStatus(row.status),
-        amount=row.amount,
-        currency=row.currency,
-        reason=row.reason,
-        failure_code=row.failure_code,
-        failure_message=row.failure_message,
-        provider_refund_id=row.provider_refund_id,
-        created_at=isoformat_utc(row.created_at),
-        updated_at=isoformat_utc(row.updated_at),
-    )
 
 
 def _key_record(key: ApiKey, client_name: str) -> ApiKeyRecord:
@@ -199,92 +142,23 @@ class PaymentRepository:
         return None if row is None else await self._with_refunds(row)
 
     async def open(self, payment: PaymentInput) -> StoredPayment:
-        """Insert the payment as ``processing`` unless its (client, key) row exists already."""
-        request = payment.request
-        inserted = await self._session.execute(
-            insert(PaymentRow)
-            .values(
-                id=payment.payment_id,
-                client_id=payment.client_id,
-                idempotency_key=payment.idempotency_key,
-                request_fingerprint=payment.request_fingerprint,
-                origin_request_id=payment.origin_request_id or None,
-                amount=request.amount,
-                currency=request.currency,
-                payment_method=request.payment_method,
-                description=request.description,
-                metadata_=request.metadata,
-                status=PaymentStatus.PROCESSING.value,
-                workflow_id=payment_workflow_id(payment.client_id, payment.idempotency_key),
-            )
-            .on_conflict_do_nothing(constraint="uq_payments_client_key")
-            .returning(PaymentRow.id)
-        )
-        if inserted.scalar_one_or_none() is not None:
-            # Requests attached to the run wait for its row too (delivered at commit).
-            notice = row_opened_payload(payment.payment_id)
-            await self._session.execute(select(func.pg_notify(OUTCOME_CHANNEL, notice)))
-        stored = await self.get_by_key(payment.client_id, payment.idempotency_key)
-        if stored is None:  # pragma: no cover - the insert or the conflicting row guarantees one
-            raise RuntimeError("payment row vanished after insert")
-        return stored
+        """Insert the payment as ``processing`` unless its (client, key) row exists already
+        (in the session's transaction; ``ledger.payment_sql`` has the statements)."""
+        return await payment_sql.open_payment(await self._driver_connection(), payment)
 
     async def record_outcome(self, outcome: RecordOutcomeInput) -> Payment:
-        """Move a processing payment to its outcome and post its entries, exactly once.
+        """Move a processing payment to its outcome and post its entries, exactly once;
+        a second call finds the payment terminal and returns it unchanged."""
+        return await payment_sql.record_payment_outcome(await self._driver_connection(), outcome)
 
-        The row lock serialises concurrent recorders; a second call finds the payment
-        terminal and returns it unchanged.
-        """
-        row = await self._session.scalar(
-            select(PaymentRow).where(PaymentRow.id == outcome.payment_id).with_for_update()
-        )
-        if row is None:
-            raise LookupError(f"payment {outcome.payment_id} does not exist")
-        if row.status != PaymentStatus.PROCESSING.value:
-            return await self._with_refunds(row)
-
-        # RETURNING brings the server's updated_at and version back into ``row``
-        # (populate_existing), in the statement's own round trip.
-        await self._session.execute(
-            update(PaymentRow)
-            .where(PaymentRow.id == row.id)
-            .values(
-                status=outcome.status.value,
-                provider_charge_id=outcome.provider_charge_id,
-                failure_code=outcome.failure_code,
-                failure_message=outcome.failure_message,
-                updated_at=func.now(),
-                version=PaymentRow.version + 1,
-            )
-            .returning(PaymentRow)
-            .execution_options(populate_existing=True)
-        )
-        # Delivered at commit only: wakes the API requests waiting on this payment.
-        await self._session.execute(select(func.pg_notify(OUTCOME_CHANNEL, row.id)))
-        if outcome.status is PaymentStatus.SUCCEEDED:
-            await self._session.execute(
-                insert(LedgerEntry).values(
-                    [
-                        {
-                            "payment_id": row.id,
-                            "entry_kind": "charge",
-                            "account": PROVIDER_RECEIVABLE_ACCOUNT,
-                            "amount": row.amount,
-                            "currency": row.currency,
-                        },
-                        {
-                            "payment_id": row.id,
-                            "entry_kind": "charge",
-                            "account": client_payable_account(row.client_id),
-                            "amount": -row.amount,
-                            "currency": row.currency,
-                        },
-                    ]
-                )
-            )
-        # No refunds to read: a payment takes refunds only once succeeded, and this one
-        # was processing until now, under its row lock.
-        return payment_to_domain(row, [])
+    async def _driver_connection(self) -> payment_sql.Connection:
+        """The psycopg connection under the session, inside its transaction."""
+        connection = await self._session.connection()
+        raw = await connection.get_raw_connection()
+        driver = raw.driver_connection
+        if driver is None:  # pragma: no cover - a checked-out connection has its driver's
+            raise RuntimeError("the session's connection is closed")
+        return driver  # type: ignore[no-any-return]
 
     async def list_for_client(
         self,

@@ -23,6 +23,7 @@ from devstack.processes import ManagedProcess
 from devstack.webhook_receiver import WebhookReceiver
 from ledger.db import create_engine, session_factory
 from ledger.migrate import upgrade_to_head
+from ledger.payment_sql import PooledPaymentLedger
 from tests.helpers.provider import SandboxProvider
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -95,12 +96,21 @@ async def webhook_receiver() -> AsyncIterator[WebhookReceiver]:
 
 
 @pytest.fixture(scope="session")
+async def payment_ledger(database_url: str) -> AsyncIterator[PooledPaymentLedger]:
+    """The worker's plain-SQL ledger writes, on their own pool, as worker.py builds them."""
+    ledger = PooledPaymentLedger.create(database_url, size=10, timeout=5.0)
+    await ledger.open()
+    yield ledger
+    await ledger.close()
+
+
+@pytest.fixture(scope="session")
 async def activities(
-    sessions: async_sessionmaker[AsyncSession], sandbox_provider: SandboxProvider
+    payment_ledger: PooledPaymentLedger, sandbox_provider: SandboxProvider
 ) -> AsyncIterator[PaymentActivities]:
     provider = ProviderClient(sandbox_provider.base_url, sandbox_provider.api_key, 2.0)
     http = httpx.AsyncClient(timeout=5)
     # The receiver listens on 127.0.0.1, as PAYMENTS_WEBHOOK_ALLOW_LOOPBACK permits in tests.
-    yield PaymentActivities(sessions, provider, WebhookSender(http, allow_loopback=True))
+    yield PaymentActivities(payment_ledger, provider, WebhookSender(http, allow_loopback=True))
     await provider.aclose()
     await http.aclose()

@@ -37,6 +37,7 @@ from domain.payments import (
     RecordOutcomeInput,
     payment_id_for,
 )
+from ledger.payment_sql import PooledPaymentLedger
 
 env = ActivityEnvironment()
 SECRET = new_webhook_secret()
@@ -270,6 +271,7 @@ async def test_a_name_rebound_to_a_refused_address_is_not_contacted(
 async def test_rebinding_fails_the_activity_retryably_and_sends_nothing(
     activities: PaymentActivities,
     sessions: async_sessionmaker[AsyncSession],
+    payment_ledger: PooledPaymentLedger,
     webhook_receiver: WebhookReceiver,
     http: httpx.AsyncClient,
 ) -> None:
@@ -278,7 +280,7 @@ async def test_rebinding_fails_the_activity_retryably_and_sends_nothing(
     payment_id = await _succeeded_payment(activities, client.client_id)
     unused_provider = ProviderClient("http://127.0.0.1:9", "sk_unused", 1.0)
     rebound = PaymentActivities(
-        sessions,
+        payment_ledger,
         unused_provider,
         WebhookSender(http, allow_loopback=True, resolver=resolver("10.0.0.7")),
     )

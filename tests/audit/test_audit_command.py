@@ -14,7 +14,7 @@ from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from admin.clients import add_client
-from ledger.repositories import PROVIDER_RECEIVABLE_ACCOUNT, client_payable_account
+from ledger.mapping import PROVIDER_RECEIVABLE_ACCOUNT, client_payable_account
 from ledger.tables import LedgerEntry, PaymentRow
 from tests.conftest import REPO_ROOT
 from tests.helpers.provider import SandboxProvider

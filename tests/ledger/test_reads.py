@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -15,22 +14,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from admin.clients import add_client
 from domain.payments import (
-    PaymentInput,
-    PaymentRequest,
     PaymentStatus,
-    RecordOutcomeInput,
-    payment_id_for,
 )
 from domain.refunds import (
-    RecordRefundInput,
-    RefundInput,
-    RefundRequest,
     RefundStatus,
-    refund_id_for,
 )
 from ledger.db import autocommit_session_factory
+from ledger.mapping import StoredPayment
 from ledger.reads import DATABASE_ERRORS, PooledPaymentReads, SessionPaymentReads
-from ledger.repositories import PaymentRepository, RefundRepository, StoredPayment
+from tests.helpers.ledger import payment_in_ledger, refund_in_ledger
 
 
 @pytest.fixture
@@ -42,71 +34,6 @@ async def pooled(engine: AsyncEngine) -> AsyncIterator[PooledPaymentReads]:
     await reads.close()
 
 
-async def _payment(
-    sessions: async_sessionmaker[AsyncSession],
-    client_id: str,
-    status: PaymentStatus | None,
-    *,
-    description: str | None = None,
-    metadata: dict[str, str] | None = None,
-) -> PaymentInput:
-    key = str(uuid.uuid4())
-    request = PaymentRequest(
-        amount=5000,
-        currency="EUR",
-        payment_method="pm_card_visa",
-        description=description,
-        metadata=metadata or {},
-    )
-    payment = PaymentInput(
-        payment_id=payment_id_for(client_id, key),
-        client_id=client_id,
-        idempotency_key=key,
-        request=request,
-        request_fingerprint=request.fingerprint(),
-        origin_request_id=uuid.uuid4().hex,
-    )
-    async with sessions() as session, session.begin():
-        repository = PaymentRepository(session)
-        await repository.open(payment)
-        if status is not None:
-            await repository.record_outcome(
-                RecordOutcomeInput(
-                    payment_id=payment.payment_id,
-                    status=status,
-                    provider_charge_id="ch_1" if status is PaymentStatus.SUCCEEDED else None,
-                    failure_code=None if status is PaymentStatus.SUCCEEDED else "card_declined",
-                    failure_message=None if status is PaymentStatus.SUCCEEDED else "Declined.",
-                )
-            )
-    return payment
-
-
-async def _refund(
-    sessions: async_sessionmaker[AsyncSession], payment: PaymentInput, amount: int, ok: bool
-) -> None:
-    key = str(uuid.uuid4())
-    request = RefundRequest(payment_id=payment.payment_id, amount=amount, reason="duplicate")
-    refund = RefundInput(
-        refund_id=refund_id_for(payment.client_id, key),
-        client_id=payment.client_id,
-        idempotency_key=key,
-        request=request,
-        request_fingerprint=request.fingerprint(),
-        origin_request_id="r",
-    )
-    async with sessions() as session, session.begin():
-        await RefundRepository(session).reserve(refund)
-        await RefundRepository(session).record_outcome(
-            RecordRefundInput(
-                refund_id=refund.refund_id,
-                status=RefundStatus.SUCCEEDED if ok else RefundStatus.FAILED,
-                provider_refund_id="re_1" if ok else None,
-                failure_code=None if ok else "provider_error",
-            )
-        )
-
-
 async def test_pooled_reads_equal_the_repositories_for_every_kind_of_payment(
     engine: AsyncEngine,
     sessions: async_sessionmaker[AsyncSession],
@@ -115,15 +42,15 @@ async def test_pooled_reads_equal_the_repositories_for_every_kind_of_payment(
     async with sessions() as session, session.begin():
         client = await add_client(session, name="reads", webhook_url=None)
         other = await add_client(session, name="reads-other", webhook_url=None)
-    refunded = await _payment(
+    refunded = await payment_in_ledger(
         sessions, client.client_id, PaymentStatus.SUCCEEDED, description="Order 7"
     )
     for amount, ok in [(1000, True), (700, False), (250, True)]:
-        await _refund(sessions, refunded, amount, ok)
+        await refund_in_ledger(sessions, refunded, amount, ok)
     payments = [
-        await _payment(sessions, client.client_id, None, metadata={"order": "1"}),
-        await _payment(sessions, client.client_id, PaymentStatus.FAILED),
-        await _payment(sessions, client.client_id, PaymentStatus.SUCCEEDED),
+        await payment_in_ledger(sessions, client.client_id, None, metadata={"order": "1"}),
+        await payment_in_ledger(sessions, client.client_id, PaymentStatus.FAILED),
+        await payment_in_ledger(sessions, client.client_id, PaymentStatus.SUCCEEDED),
         refunded,
     ]
     orm = SessionPaymentReads(autocommit_session_factory(engine))
@@ -166,16 +93,16 @@ async def test_reads_by_key_asked_at_once_share_one_statement_and_each_get_their
     async with sessions() as session, session.begin():
         client = await add_client(session, name="batch", webhook_url=None)
         other = await add_client(session, name="batch-other", webhook_url=None)
-    refunded = await _payment(sessions, client.client_id, PaymentStatus.SUCCEEDED)
-    await _refund(sessions, refunded, 1500, True)
-    second_refunded = await _payment(sessions, client.client_id, PaymentStatus.SUCCEEDED)
-    await _refund(sessions, second_refunded, 300, False)
+    refunded = await payment_in_ledger(sessions, client.client_id, PaymentStatus.SUCCEEDED)
+    await refund_in_ledger(sessions, refunded, 1500, True)
+    second_refunded = await payment_in_ledger(sessions, client.client_id, PaymentStatus.SUCCEEDED)
+    await refund_in_ledger(sessions, second_refunded, 300, False)
     payments = [
         refunded,
         second_refunded,
-        await _payment(sessions, client.client_id, None),
-        await _payment(sessions, client.client_id, PaymentStatus.FAILED),
-        await _payment(sessions, other.client_id, PaymentStatus.SUCCEEDED),
+        await payment_in_ledger(sessions, client.client_id, None),
+        await payment_in_ledger(sessions, client.client_id, PaymentStatus.FAILED),
+        await payment_in_ledger(sessions, other.client_id, PaymentStatus.SUCCEEDED),
     ]
     asked = [(p.client_id, p.idempotency_key) for p in payments]
     asked += [
@@ -206,7 +133,9 @@ async def test_keys_past_the_batch_limit_go_in_the_next_batch(
 ) -> None:
     async with sessions() as session, session.begin():
         client = await add_client(session, name="batch-limit", webhook_url=None)
-    payments = [await _payment(sessions, client.client_id, PaymentStatus.FAILED) for _ in range(5)]
+    payments = [
+        await payment_in_ledger(sessions, client.client_id, PaymentStatus.FAILED) for _ in range(5)
+    ]
     url = engine.url.render_as_string(hide_password=False)
     reads = PooledPaymentReads.create(url, size=3, timeout=5, batch_limit=2)
     await reads.open()
@@ -227,7 +156,7 @@ async def test_an_asker_that_gives_up_leaves_the_others_their_answers(
     """A request cancelled (its client left) while its batch waits for a connection."""
     async with sessions() as session, session.begin():
         client = await add_client(session, name="batch-cancel", webhook_url=None)
-    payments = [await _payment(sessions, client.client_id, None) for _ in range(3)]
+    payments = [await payment_in_ledger(sessions, client.client_id, None) for _ in range(3)]
     async with contextlib.AsyncExitStack() as held:
         for _ in range(3):  # the fixture's pool size
             await held.enter_async_context(pooled._pool.connection())
