@@ -32,6 +32,7 @@ from config.settings import Settings
 from config.temporal import connect_temporal
 from ledger.db import autocommit_session_factory, create_engine, session_factory
 from ledger.outcomes import OutcomeListener
+from ledger.payment_sql import PooledPaymentLedger
 from ledger.reads import PooledPaymentReads
 
 log = structlog.get_logger("api")
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             backlog=backlog,
             reads=reads,
             lookups=lookups,
+            ledger=PooledPaymentLedger(lookups.pool),
         )
         app.state.rate_limiter = RateLimiter(
             settings.api_rate_limit_per_second, settings.api_rate_limit_burst

@@ -70,6 +70,7 @@ from domain.payments import (
 )
 from ledger.mapping import StoredPayment
 from ledger.outcomes import OutcomeListener, PaymentChanges
+from ledger.payment_sql import PooledPaymentLedger
 from ledger.reads import DATABASE_ERRORS, PaymentReads, SessionPaymentReads
 from ledger.repositories import PaymentPage, PaymentRepository
 from workflows.payment import PaymentWorkflow
@@ -160,12 +161,15 @@ class PaymentService:
         backlog: BacklogGate | None = None,
         reads: async_sessionmaker[AsyncSession] | None = None,
         lookups: PaymentReads | None = None,
+        ledger: PooledPaymentLedger | None = None,
     ) -> None:
         self._sessions = sessions
         self._reads = reads or sessions
         # The idempotency path's reads by key and by id (ledger/reads.py says why
         # they are not ORM reads in the API process).
         self._lookups = lookups or SessionPaymentReads(self._reads)
+        # Opens a payment's row in one autocommit statement; without it, in a session.
+        self._ledger = ledger
         self._backlog = backlog or BacklogGate(_no_count, 0)
         self._temporal = temporal
         self._task_queue = task_queue
@@ -489,9 +493,11 @@ class PaymentService:
         ``GET /v1/payments/{id}`` works even while every worker is down.
         """
         try:
+            if self._ledger is not None:
+                return await self._ledger.open_payment(payment_input)
             async with self._sessions() as session, session.begin():
                 return await PaymentRepository(session).open(payment_input)
-        except (OperationalError, DBAPIError) as exc:
+        except (OperationalError, DBAPIError, *DATABASE_ERRORS) as exc:
             raise database_unavailable(exc) from exc
 
     async def _closed_run_answer(self, client_id: str, key: str, fingerprint: str) -> PaymentAnswer:

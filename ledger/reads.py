@@ -81,7 +81,8 @@ class PaymentReads(Protocol):
 class PooledPaymentReads:
     """Autocommit connections of the API process's own small pool: one round trip
     per statement, no BEGIN/ROLLBACK (under READ COMMITTED each statement has its own
-    snapshot anyway). Never for writes or locking reads."""
+    snapshot anyway). No locking reads; the one write lent the pool is a single
+    statement too (``pool``)."""
 
     def __init__(
         self,
@@ -117,6 +118,12 @@ class PooledPaymentReads:
 
     async def open(self) -> None:
         await self._pool.open(wait=False)
+
+    @property
+    def pool(self) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
+        """Also lent to the API's one write on the idempotency path, opening a payment's
+        row (``ledger.payment_sql``): a single autocommit statement, as a read is."""
+        return self._pool
 
     async def close(self) -> None:
         for batch in list(self._batches):
