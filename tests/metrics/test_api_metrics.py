@@ -264,4 +264,7 @@ async def test_a_stalled_event_loop_is_measured_and_logged() -> None:
     assert _loop_lag("_bucket", le="0.25") - on_time == ticks - 1, "one tick came late"
     stalls = [line for line in logs if line["event"] == "api.event_loop_stalled"]
     assert len(stalls) == 1
-    assert 300 <= stalls[0]["lag_ms"] <= 400
+    # The 400 ms hold, less the part of a 50 ms tick already waited, plus the scheduler's
+    # delay in waking the loop after it (1 ms over 400 in one CI run): a lag measured
+    # twice, or not at all, is far outside.
+    assert 300 <= stalls[0]["lag_ms"] <= 600
