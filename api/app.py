@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from api.access_log import AccessLogMiddleware, log_shed_summary
 from api.auth import ApiKeyAuthenticator
-from api.backlog import BacklogGate, processing_counter
+from api.backlog import BacklogGate, StartSlots, processing_counter
 from api.codec_server import create_codec_app
 from api.limits import BodyLimitMiddleware
 from api.metrics import (
@@ -64,6 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BACKLOG_WAITING.set_function(lambda: backlog.queued)
         READ_POOL_IN_USE.set_function(lambda: lookups.load()[0])
         READ_POOL_WAITING.set_function(lambda: lookups.load()[1])
+        start_slots = StartSlots(settings.api_max_concurrent_starts)
+        app.state.start_slots = start_slots
         app.state.payments = PaymentService(
             sessions,
             temporal,
@@ -73,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             reads=reads,
             lookups=lookups,
             ledger=PooledPaymentLedger(lookups.pool),
+            start_slots=start_slots,
         )
         app.state.rate_limiter = RateLimiter(
             settings.api_rate_limit_per_second, settings.api_rate_limit_burst

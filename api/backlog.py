@@ -195,3 +195,43 @@ def processing_counter(sessions: async_sessionmaker[AsyncSession]) -> Callable[[
             return await PaymentRepository(session).count_processing()
 
     return count
+
+
+class StartSlots:
+    """At most ``limit`` starts of runs in flight at once in this process (0: no limit).
+
+    The backlog gate admits in batches (every refresh frees room for many at once),
+    and a batch of starts arriving together at a busy Temporal server takes seconds to
+    be answered; a repeat of any of them waits that long for its payment's row. With
+    the starts taken a few at a time each is answered quickly, and a request waiting
+    for its slot has started nothing, so its repeats are answered 409 at once, as
+    while it queues for room.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._slots = asyncio.Semaphore(limit) if limit > 0 else None
+        self.waiting = 0
+
+    @asynccontextmanager
+    async def slot(
+        self, wait_seconds: float, *, on_queued: Callable[[], None] | None = None
+    ) -> AsyncIterator[None]:
+        """Raises ``BacklogFull`` if no slot frees within ``wait_seconds``."""
+        if self._slots is None:
+            yield
+            return
+        if self._slots.locked() and on_queued is not None:
+            on_queued()
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(max(wait_seconds, 0.0)):
+                await self._slots.acquire()
+        except TimeoutError:
+            # A slot frees within one start's time: come back in a second.
+            raise BacklogFull(1, self.waiting) from None
+        finally:
+            self.waiting -= 1
+        try:
+            yield
+        finally:
+            self._slots.release()

@@ -48,7 +48,7 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.backlog import BacklogFull, BacklogGate
+from api.backlog import BacklogFull, BacklogGate, StartSlots
 from api.metrics import record_backlog_refused
 from api.problems import (
     Problem,
@@ -162,6 +162,7 @@ class PaymentService:
         reads: async_sessionmaker[AsyncSession] | None = None,
         lookups: PaymentReads | None = None,
         ledger: PooledPaymentLedger | None = None,
+        start_slots: StartSlots | None = None,
     ) -> None:
         self._sessions = sessions
         self._reads = reads or sessions
@@ -171,6 +172,7 @@ class PaymentService:
         # Opens a payment's row in one autocommit statement; without it, in a session.
         self._ledger = ledger
         self._backlog = backlog or BacklogGate(_no_count, 0)
+        self._start_slots = start_slots or StartSlots(0)
         self._temporal = temporal
         self._task_queue = task_queue
         self._outcomes = outcomes
@@ -282,8 +284,13 @@ class PaymentService:
         try:
             # A place in the backlog is held until this request's row is open, and only
             # by a request that may start a run: waiting for the outcome takes none.
-            async with self._backlog.admission(
-                deadline - asyncio.get_running_loop().time(), on_queued=queued
+            async with (
+                self._backlog.admission(
+                    deadline - asyncio.get_running_loop().time(), on_queued=queued
+                ),
+                self._start_slots.slot(
+                    deadline - asyncio.get_running_loop().time(), on_queued=queued
+                ),
             ):
                 admitting.queued = False
                 admitting.moved.clear()  # set again when its row is open

@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     # no recorded outcome (api/backlog.py); 0 turns the gate off. Keep it under the
     # workers' workflow cache (1,000 runs per worker process) so no run is evicted.
     api_max_processing_payments: int = Field(default=200, ge=0)
+    # Starts of runs in flight at once per API process (api/backlog.py, StartSlots);
+    # 0: no limit. 16 cut the storm's replay p99 from about 2 s to 0.5-0.9 s, but refused
+    # more new payments (docs/scaling.md): a choice for a deployment, not a default.
+    api_max_concurrent_starts: int = Field(default=0, ge=0)
     # The longest wait a client may ask for with `Prefer: wait=N`.
     api_max_wait_seconds: float = Field(default=30.0, ge=1, le=300)
     # Larger payments go through a human (minor units).
