@@ -28,12 +28,14 @@ async def payment_in_ledger(
     client_id: str,
     status: PaymentStatus | None,
     *,
+    amount: int = 5000,
     description: str | None = None,
     metadata: dict[str, str] | None = None,
 ) -> PaymentInput:
+    """A payment opened and, unless ``status`` is None, recorded with that outcome."""
     key = str(uuid.uuid4())
     request = PaymentRequest(
-        amount=5000,
+        amount=amount,
         currency="EUR",
         payment_method="pm_card_visa",
         description=description,

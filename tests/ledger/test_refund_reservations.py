@@ -13,10 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from admin.clients import add_client
 from domain.payments import (
     PaymentInput,
-    PaymentRequest,
     PaymentStatus,
-    RecordOutcomeInput,
-    payment_id_for,
 )
 from domain.refunds import (
     RecordRefundInput,
@@ -29,6 +26,7 @@ from domain.refunds import (
 )
 from ledger.repositories import PaymentRepository, RefundRepository
 from ledger.tables import RefundRow
+from tests.helpers.ledger import payment_in_ledger
 
 AMOUNT = 1000
 
@@ -36,31 +34,9 @@ AMOUNT = 1000
 async def _payment(
     sessions: async_sessionmaker[AsyncSession], status: PaymentStatus | None
 ) -> PaymentInput:
-    """A payment opened and, unless ``status`` is None, recorded with that outcome."""
     async with sessions() as session, session.begin():
         client = await add_client(session, name="refund-tests", webhook_url=None)
-        key = str(uuid.uuid4())
-        request = PaymentRequest(amount=AMOUNT, currency="EUR", payment_method="pm_card_visa")
-        payment = PaymentInput(
-            payment_id=payment_id_for(client.client_id, key),
-            client_id=client.client_id,
-            idempotency_key=key,
-            request=request,
-            request_fingerprint=request.fingerprint(),
-            origin_request_id="r",
-        )
-        repository = PaymentRepository(session)
-        await repository.open(payment)
-        if status is not None:
-            await repository.record_outcome(
-                RecordOutcomeInput(
-                    payment_id=payment.payment_id,
-                    status=status,
-                    provider_charge_id="ch_test" if status is PaymentStatus.SUCCEEDED else None,
-                    failure_code=None if status is PaymentStatus.SUCCEEDED else "card_declined",
-                )
-            )
-    return payment
+    return await payment_in_ledger(sessions, client.client_id, status, amount=AMOUNT)
 
 
 def _refund(payment: PaymentInput, amount: int | None, key: str | None = None) -> RefundInput:
