@@ -124,18 +124,19 @@ Connection = psycopg.AsyncConnection[Any]
 
 
 async def _fetchone(conn: Connection, statement: str, params: Any) -> Any:
-    cursor = conn.cursor(row_factory=namedtuple_row)
-    await cursor.execute(statement, params, prepare=True)
-    return await cursor.fetchone()
+    async with conn.cursor(row_factory=namedtuple_row) as cursor:
+        await cursor.execute(statement, params, prepare=True)
+        return await cursor.fetchone()
 
 
-async def _with_refunds(conn: Connection, row: Any) -> Payment:
+async def payment_with_refunds(conn: Connection, row: Any) -> Payment:
+    """A payment row (the models' attribute names) as a ``Payment``, with its refunds."""
     if row.status != PaymentStatus.SUCCEEDED.value:
         # Only a succeeded payment takes refunds (RefundRepository.reserve refuses the rest).
         return payment_to_domain(row, [])
-    cursor = conn.cursor(row_factory=namedtuple_row)
-    await cursor.execute(_REFUNDS_OF_PAYMENT, (row.id,), prepare=True)
-    refunds: list[Any] = await cursor.fetchall()
+    async with conn.cursor(row_factory=namedtuple_row) as cursor:
+        await cursor.execute(_REFUNDS_OF_PAYMENT, (row.id,), prepare=True)
+        refunds: list[Any] = await cursor.fetchall()
     return payment_to_domain(row, [refund_to_domain(refund) for refund in refunds])
 
 
@@ -167,7 +168,7 @@ async def open_payment(conn: Connection, payment: PaymentInput) -> StoredPayment
         if row is None:  # pragma: no cover - the conflicting row is committed by now
             raise RuntimeError(f"payment {payment.payment_id} conflicted but is not there")
         return StoredPayment(
-            await _with_refunds(conn, row), row.request_fingerprint, row.origin_request_id
+            await payment_with_refunds(conn, row), row.request_fingerprint, row.origin_request_id
         )
     return StoredPayment(payment_to_domain(row, []), row.request_fingerprint, row.origin_request_id)
 
@@ -197,7 +198,7 @@ async def record_payment_outcome(conn: Connection, outcome: RecordOutcomeInput) 
     row = await _fetchone(conn, _BY_ID, (outcome.payment_id,))
     if row is None:
         raise LookupError(f"payment {outcome.payment_id} does not exist")
-    return await _with_refunds(conn, row)
+    return await payment_with_refunds(conn, row)
 
 
 def _refund_row(fields: dict[str, Any]) -> Any:

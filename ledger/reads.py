@@ -6,7 +6,8 @@ it on each change. Through an ORM session one such read cost the API 2.3-2.6 ms 
 CPU (session, unit of work, statement caching, row-to-object mapping); the same
 two statements on a pooled psycopg connection cost 0.55 ms (measured side by side,
 50 at once, a succeeded payment with its refunds). Under the storm the API's CPU is
-the scarce thing, so these reads skip the ORM. Writes stay in ``repositories``.
+the scarce thing, so these reads skip the ORM (as the payment path's writes do:
+``payment_sql``).
 
 Reads by key are also batched: the keys asked for during one turn of the event loop
 are read with one statement on one connection. Under the storm a read holds its
@@ -33,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from domain.payments import Payment, PaymentStatus
 from ledger.mapping import StoredPayment, payment_to_domain, refund_to_domain
 from ledger.outcomes import libpq_url
+from ledger.payment_sql import payment_with_refunds
 from ledger.repositories import PaymentRepository
 
 # The columns ``Payment`` and ``StoredPayment`` need, and nothing else, for many keys
@@ -51,11 +53,6 @@ _BY_ID = (
     "currency, description, metadata AS metadata_, status, failure_code, failure_message, "
     "provider_charge_id, created_at, updated_at, version "
     "FROM payments WHERE id = %s AND client_id = %s"
-)
-_REFUNDS = (
-    "SELECT id, payment_id, idempotency_key, status, amount, currency, reason, failure_code, "
-    "failure_message, provider_refund_id, created_at, updated_at "
-    "FROM refunds WHERE payment_id = %s ORDER BY created_at, id"
 )
 _REFUNDS_OF = (
     "SELECT id, payment_id, idempotency_key, status, amount, currency, reason, failure_code, "
@@ -219,17 +216,7 @@ class PooledPaymentReads:
         async with self._pool.connection() as conn:
             cursor = await conn.execute(_BY_ID, (payment_id, client_id), prepare=True)
             row = await cursor.fetchone()
-            return None if row is None else await self._with_refunds(conn, row)
-
-    @staticmethod
-    async def _with_refunds(conn: psycopg.AsyncConnection[Any], row: Any) -> Payment:
-        # Rows with the ORM models' attribute names, so the repositories' mappers
-        # turn them into the same domain objects.
-        if row.status != PaymentStatus.SUCCEEDED.value:
-            # Only a succeeded payment takes refunds, as in PaymentRepository.
-            return payment_to_domain(row, [])
-        cursor = await conn.execute(_REFUNDS, (row.id,), prepare=True)
-        return payment_to_domain(row, [refund_to_domain(r) for r in await cursor.fetchall()])
+            return None if row is None else await payment_with_refunds(conn, row)
 
 
 class SessionPaymentReads:
