@@ -34,9 +34,9 @@ async def test_api_sigterm_refuses_new_connections_and_finishes_the_request_in_f
         async with httpx.AsyncClient(timeout=2) as fresh:
             try:
                 await fresh.get(f"{stack.api_url}/healthz")
-            except (httpx.ConnectError, httpx.RemoteProtocolError):
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
                 # Refused, or (accepted in the instant the listening socket was closing)
-                # dropped without an answer: either way not served.
+                # dropped without an answer, closed or reset: either way not served.
                 return True
         return False
 
