@@ -53,6 +53,14 @@ def latencies_by_kind(records: list[Record]) -> dict[str, Any]:
         # duplicate that got in before it. Idempotent-Replayed says which was which.
         "originals": latency_ms(r for r in records if not r.replayed),
         "replays": latency_ms(r for r in records if r.replayed),
+        # A replay answered "processing" read a running payment's row (or waited for
+        # its first request to open it); one answered a final status read a finished one.
+        "replays_running": latency_ms(
+            r for r in records if r.replayed and r.payment_status == "processing"
+        ),
+        "replays_final": latency_ms(
+            r for r in records if r.replayed and r.payment_status not in (None, "processing")
+        ),
     }
 
 

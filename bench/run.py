@@ -634,6 +634,8 @@ def summarise(report: dict[str, Any]) -> tuple[str, str]:
         "dup_after_finished",
         "originals",
         "replays",
+        "replays_running",
+        "replays_final",
     ):
         v = lat[kind]
         rows.append(

@@ -16,7 +16,7 @@ from temporalio.api.history.v1 import (
 )
 
 from bench.__main__ import parse
-from bench.loadgen import SLOTS, _drive
+from bench.loadgen import SLOTS, Record, _drive
 from bench.observe import billable_actions
 from bench.plan import Credentials, Kind, build_plan
 from bench.rawhttp import Connection, build_request
@@ -176,6 +176,33 @@ async def test_generator_sends_every_request_and_labels_duplicates(
     # called it: originals and replays follow its header.
     assert lat["originals"]["count"] == 30
     assert lat["replays"]["count"] == 30
+    assert lat["replays_final"]["count"] == 30
+    assert lat["replays_running"]["count"] == 0
+
+
+def test_replays_are_split_by_the_state_they_answered() -> None:
+    def record(latency: float, status: int, replayed: bool, state: str | None) -> Record:
+        return Record(1, "dup_in_flight", status, latency, 0.0, replayed, state, "pay_1")
+
+    records = [
+        record(0.010, 202, True, "processing"),
+        record(0.900, 202, True, "processing"),
+        record(0.004, 200, True, "succeeded"),
+        record(0.006, 200, True, "failed"),
+        record(5.000, 202, False, "processing"),  # the original, not a replay
+        record(0.001, 409, False, None),  # not answered with the payment
+    ]
+    lat = latencies_by_kind(records)
+    assert lat["replays"]["count"] == 4
+    assert lat["replays_running"] == {
+        "count": 2,
+        "p50": 10.0,
+        "p95": 900.0,
+        "p99": 900.0,
+        "max": 900.0,
+    }
+    assert lat["replays_final"]["count"] == 2
+    assert lat["replays_final"]["max"] == 6.0
 
 
 async def test_generator_retries_a_refused_request_with_the_same_key(
