@@ -10,6 +10,7 @@ arrives.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import multiprocessing
 import os
@@ -58,6 +59,30 @@ class GeneratorResult:
     cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
     error_samples: list[str] = field(default_factory=list)
+    # How late the generator's own loop ran a timer due every LAG_TICK_SECONDS: a
+    # latency it measures includes up to this much of its own delay.
+    loop_lags: list[float] = field(default_factory=list)
+
+
+LAG_TICK_SECONDS = 0.05
+
+
+# The records kept so far are moved out of the collector's reach this often, so that
+# full collections do not walk tens of thousands of them again and again while the
+# loop, and every latency it is measuring, waits.
+FREEZE_EVERY_SECONDS = 5.0
+
+
+async def _watch_own_loop(lags: list[float]) -> None:
+    loop = asyncio.get_running_loop()
+    next_freeze = loop.time() + FREEZE_EVERY_SECONDS
+    while True:
+        due = loop.time() + LAG_TICK_SECONDS
+        await asyncio.sleep(LAG_TICK_SECONDS)
+        lags.append(max(0.0, loop.time() - due))
+        if loop.time() >= next_freeze:
+            gc.freeze()  # refcounting still frees what dies; only cycles wait for exit
+            next_freeze = loop.time() + FREEZE_EVERY_SECONDS
 
 
 def _cpu_seconds() -> float:
@@ -160,7 +185,11 @@ async def _drive(
             await conn.close()
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(workers)))
+    watch = asyncio.create_task(_watch_own_loop(result.loop_lags))
+    try:
+        await asyncio.gather(*(worker() for _ in range(workers)))
+    finally:
+        watch.cancel()
     result.wall_seconds = time.perf_counter() - started
     return result
 

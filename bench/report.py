@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from bench.loadgen import Record
+from bench.loadgen import GeneratorResult, Record
 from bench.plan import Kind
 
 OK_STATUSES = (200, 201, 202)
@@ -31,6 +31,24 @@ def latency_ms(records: Iterable[Record]) -> dict[str, Any]:
         "p99": _round(percentile(values, 99)),
         "max": _round(max(values) if values else None),
     }
+
+
+def generator_loop_lag_ms(results: Iterable[GeneratorResult]) -> dict[str, Any]:
+    """How late the generators' own loops ran their timers: the part of a measured
+    latency that is the generator's (busy, collecting garbage, or without a CPU)."""
+    values = [lag * 1000 for result in results for lag in result.loop_lags]
+    return {
+        "ticks": len(values),
+        "p50": _round(percentile(values, 50)),
+        "p99": _round(percentile(values, 99)),
+        "max": _round(max(values) if values else None),
+    }
+
+
+def lag_line(lag: dict[str, Any] | None) -> str:
+    if not lag or not lag.get("ticks"):
+        return "-"
+    return f"p50 {fmt(lag['p50'])}  p99 {fmt(lag['p99'])}  max {fmt(lag['max'])}"
 
 
 def _round(value: float | None) -> float | None:

@@ -28,7 +28,16 @@ from bench.baseline_workflows import BASELINE_TASK_QUEUE
 from bench.loadgen import DONE, ERRORS, SENT, SLOTS, GeneratorResult, Record, generator_main
 from bench.plan import Credentials, Kind, Plan, build_plan
 from bench.rawhttp import Connection, build_request
-from bench.report import OK_STATUSES, errors, fmt, latencies_by_kind, latency_ms, percentile
+from bench.report import (
+    OK_STATUSES,
+    errors,
+    fmt,
+    generator_loop_lag_ms,
+    lag_line,
+    latencies_by_kind,
+    latency_ms,
+    percentile,
+)
 from bench.report import statuses as status_counts
 from bench.report import table as render_table
 from config.settings import DEV_PROVIDER_API_KEY, Settings
@@ -166,6 +175,7 @@ async def storm(
     pg_log_offset = pg_log.stat().st_size if pg_log and pg_log.exists() else 0
     await pg.start()
     sampler.start()
+    api_before = await observe.api_histograms(target.api_url)
 
     started_wall = time.time()
     started = time.monotonic()
@@ -201,6 +211,7 @@ async def storm(
         await asyncio.wait({collecting}, timeout=1)
     generator_results = collecting.result()
     answers_done = time.monotonic() - started
+    api_after = await observe.api_histograms(target.api_url)
     progress.show(f"all answered in {answers_done:.1f}s", force=True)
     progress.end()
 
@@ -318,9 +329,13 @@ async def storm(
             "cpu_ms_per_request": round(
                 sum(g.cpu_seconds for g in generator_results) * 1000 / max(plan.requests, 1), 3
             ),
+            "loop_lag_ms": generator_loop_lag_ms(generator_results),
         },
         "history": asdict(history),
         "billable_actions_method": observe.ACTIONS_METHOD,
+        # While the generators ran: the floor under every answer's latency.
+        "api_event_loop_lag": _between(api_before, api_after, API_LOOP_LAG),
+        "api_gc_pauses": _between(api_before, api_after, GC_PAUSES),
     }
 
 
@@ -362,6 +377,26 @@ async def unloaded(target: Target, credentials: Credentials, count: int) -> dict
         "duplicate_of_finished_ms": _pct(dup),
         "outcomes": {s: outcomes.count(s) for s in set(outcomes)},
     }
+
+
+API_LOOP_LAG, GC_PAUSES = observe.API_HISTOGRAMS
+
+
+def _between(
+    before: dict[str, dict[float, float]], after: dict[str, dict[float, float]], name: str
+) -> dict[str, float | int | None] | None:
+    if name not in after:
+        return None
+    return observe.histogram_between(before.get(name, {}), after[name])
+
+
+def _histogram_line(h: dict[str, Any] | None) -> str:
+    if not h or not h.get("count"):
+        return "-"
+    return (
+        f"n={h['count']}, {fmt(h['sum_ms'])} ms in all; p50 <= {fmt(h['p50_under_ms'])}, "
+        f"p99 <= {fmt(h['p99_under_ms'])}, max <= {fmt(h['max_under_ms'])} ms"
+    )
 
 
 def _pct(values: list[float]) -> dict[str, float | None]:
@@ -669,6 +704,9 @@ def summarise(report: dict[str, Any]) -> tuple[str, str]:
         ("billable actions / payment (est.)", fmt(storm["history"]["actions_mean"])),
         ("generator CPU", f"{storm['generator']['cpu_seconds']} s "
          f"({storm['generator']['cpu_ms_per_request']} ms/request)"),
+        ("generator's own loop lag (ms)", lag_line(storm["generator"].get("loop_lag_ms"))),
+        ("API event loop lag (0.25 s timer)", _histogram_line(storm.get("api_event_loop_lag"))),
+        ("API garbage collections", _histogram_line(storm.get("api_gc_pauses"))),
         ("unloaded payment (ms)", json.dumps(unl.get("first_ms"))),
         ("unloaded duplicate of finished (ms)", json.dumps(unl.get("duplicate_of_finished_ms"))),
         ("Processes (peak RSS MB sum / largest, CPU s, CPU ms/payment)", ""),
