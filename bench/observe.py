@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from typing import Any
 import httpx
 import psutil
 import psycopg
+from prometheus_client.parser import text_string_to_metric_families
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
@@ -395,3 +397,62 @@ def log_sizes(logs: list[Any]) -> dict[str, int]:
 
 def now() -> float:
     return time.time()
+
+
+# -- the API's own histograms -----------------------------------------------------------
+
+# How late the API's event loop ran its timer, and how long its garbage collections
+# took: a floor under every answer the storm measures (nothing is answered while the
+# loop is late or collecting).
+API_HISTOGRAMS = ("payments_api_event_loop_lag_seconds", "payments_gc_pause_seconds")
+
+
+async def api_histograms(api_url: str) -> dict[str, dict[float, float]]:
+    """Cumulative bucket counts (upper bound in seconds -> count) of API_HISTOGRAMS,
+    all label sets added up; empty if ``/metrics`` cannot be read. With several API
+    processes this is whichever one answered."""
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            response = await http.get(f"{api_url}/metrics")
+            response.raise_for_status()
+    except httpx.HTTPError:
+        return {}
+    buckets: dict[str, dict[float, float]] = {name: {} for name in API_HISTOGRAMS}
+    for family in text_string_to_metric_families(response.text):
+        if family.name not in API_HISTOGRAMS:
+            continue
+        for sample in family.samples:
+            if sample.name == f"{family.name}_bucket":
+                bound = float(sample.labels["le"])
+                counts = buckets[family.name]
+                counts[bound] = counts.get(bound, 0.0) + sample.value
+            elif sample.name == f"{family.name}_sum":
+                counts = buckets[family.name]
+                counts[-1.0] = counts.get(-1.0, 0.0) + sample.value  # -1: the sum
+    return buckets
+
+
+def histogram_between(
+    before: dict[float, float], after: dict[float, float]
+) -> dict[str, float | int | None]:
+    """What was observed between two scrapes: count, sum, and the bucket bounds (ms)
+    that p50, p99 and the largest observation fall under (inf: above every bucket)."""
+    bounds = sorted(b for b in after if b >= 0)
+    cumulative = [after[b] - before.get(b, 0.0) for b in bounds]
+    count = int(cumulative[-1]) if cumulative else 0
+
+    def bound_for(share: float) -> float | None:
+        if count == 0:
+            return None
+        for bound, seen in zip(bounds, cumulative, strict=True):
+            if seen >= share * count:
+                return bound * 1000
+        return math.inf
+
+    return {
+        "count": count,
+        "sum_ms": round((after.get(-1.0, 0.0) - before.get(-1.0, 0.0)) * 1000, 1),
+        "p50_under_ms": bound_for(0.50),
+        "p99_under_ms": bound_for(0.99),
+        "max_under_ms": bound_for(1.0),
+    }
