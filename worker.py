@@ -26,6 +26,7 @@ from activities.payments import PaymentActivities
 from activities.provider_client import ProviderClient
 from activities.refunds import RefundActivities
 from activities.webhooks import WebhookSender
+from config.gc_tuning import tune_garbage_collector
 from config.logging import ActivityLoggingInterceptor, configure_logging
 from config.settings import Settings
 from config.temporal import connect_temporal
@@ -39,7 +40,7 @@ log = structlog.get_logger("worker")
 GRACEFUL_SHUTDOWN = timedelta(seconds=20)
 
 
-async def run_worker(settings: Settings) -> None:
+async def run_worker(settings: Settings, *, tune_gc: bool = False) -> None:
     engine = create_engine(settings)
     provider = ProviderClient(
         base_url=settings.provider_url,
@@ -84,6 +85,8 @@ async def run_worker(settings: Settings) -> None:
         loop.add_signal_handler(signum, stop.set)
 
     metrics = WorkerMetrics.start(settings, session_factory(engine))
+    if tune_gc:  # only where the worker is the process (it freezes every live object)
+        tune_garbage_collector()
     log.info("worker.started", task_queue=settings.temporal_task_queue)
     async with worker:
         await stop.wait()
@@ -104,7 +107,7 @@ def main() -> int:
     sys.dont_write_bytecode = False
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format, environment=settings.environment)
-    asyncio.run(run_worker(settings))
+    asyncio.run(run_worker(settings, tune_gc=True))
     return 0
 
 

@@ -62,6 +62,7 @@ from activities.provider_client import (
     ProviderInvalidRequest,
     ProviderUnavailable,
 )
+from config.gc_tuning import GC_PAUSE
 from config.logging import LineSampler
 from config.settings import Settings
 from domain.payments import Payment
@@ -77,7 +78,7 @@ LEDGER_GAUGES_INTERVAL = timedelta(seconds=15)
 # Our own registry: the API process imports this module too (through the workflow
 # module) and must not serve the worker's metrics on its /metrics.
 REGISTRY = CollectorRegistry()
-for _collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+for _collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR, GC_PAUSE):
     REGISTRY.register(_collector)
 
 PAYMENTS = Counter(

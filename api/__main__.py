@@ -17,7 +17,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="PAYMENTS_API_PROCESSES")
     args = parser.parse_args()
     uvicorn.run(
-        "api.app:create_app",
+        "api.app:create_served_app",
         factory=True,
         host=args.host,
         port=args.port,

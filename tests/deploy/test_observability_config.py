@@ -267,6 +267,20 @@ async def test_every_metric_in_alerts_and_dashboard_is_exported(scraped: dict[st
 
 
 @pytest.mark.e2e
+async def test_the_api_and_the_worker_time_their_garbage_collections(
+    scraped: dict[str, str],
+) -> None:
+    """Both tuned their collector once started: the full collection before the freeze
+    was timed, and so is every collection since."""
+    for name in ("api", "business"):
+        full = re.search(
+            r'^payments_gc_pause_seconds_count\{generation="2"\} (\S+)$', scraped[name], re.M
+        )
+        assert full is not None, name
+        assert float(full.group(1)) >= 1, name
+
+
+@pytest.mark.e2e
 async def test_each_endpoint_serves_its_own_metrics(scraped: dict[str, str]) -> None:
     api, sdk, business = (exported_names(scraped[key]) for key in ("api", "sdk", "business"))
     assert "payments_api_requests_total" in api
