@@ -10,7 +10,6 @@ arrives.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import multiprocessing
 import os
@@ -67,22 +66,12 @@ class GeneratorResult:
 LAG_TICK_SECONDS = 0.05
 
 
-# The records kept so far are moved out of the collector's reach this often, so that
-# full collections do not walk tens of thousands of them again and again while the
-# loop, and every latency it is measuring, waits.
-FREEZE_EVERY_SECONDS = 5.0
-
-
 async def _watch_own_loop(lags: list[float]) -> None:
     loop = asyncio.get_running_loop()
-    next_freeze = loop.time() + FREEZE_EVERY_SECONDS
     while True:
         due = loop.time() + LAG_TICK_SECONDS
         await asyncio.sleep(LAG_TICK_SECONDS)
         lags.append(max(0.0, loop.time() - due))
-        if loop.time() >= next_freeze:
-            gc.freeze()  # refcounting still frees what dies; only cycles wait for exit
-            next_freeze = loop.time() + FREEZE_EVERY_SECONDS
 
 
 def _cpu_seconds() -> float:
