@@ -16,15 +16,17 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--workers", type=int, default=None, help="PAYMENTS_API_PROCESSES")
     args = parser.parse_args()
+    settings = Settings()
     uvicorn.run(
         "api.app:create_served_app",
         factory=True,
         host=args.host,
         port=args.port,
-        workers=args.workers or Settings().api_processes,
+        workers=args.workers or settings.api_processes,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,
+        timeout_keep_alive=settings.api_keep_alive_seconds,
     )
 
 

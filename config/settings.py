@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     # 0: no limit. 16 cut the storm's replay p99 from about 2 s to 0.5-0.9 s, but refused
     # more new payments (docs/scaling.md): a choice for a deployment, not a default.
     api_max_concurrent_starts: int = Field(default=0, ge=0)
+    # How long the API keeps a client's idle connection open (uvicorn's default is 5 s).
+    # Longer than a load balancer's idle timeout (60 s on AWS's ALB), so the balancer
+    # closes idle connections, never the API under a request it just sent.
+    api_keep_alive_seconds: int = Field(default=75, ge=1, le=3600)
     # The longest wait a client may ask for with `Prefer: wait=N`.
     api_max_wait_seconds: float = Field(default=30.0, ge=1, le=300)
     # Larger payments go through a human (minor units).

@@ -234,3 +234,28 @@ async def test_prefer_wait_shortens_and_lengthens_the_bounded_wait(stack: E2ESta
     assert long.status_code == 201, long.text
     assert long.json()["status"] == "succeeded"
     assert long.headers["Preference-Applied"] == f"wait={int(PROCESSING_WAIT_SECONDS) + 10}"
+
+
+async def test_an_idle_client_connection_is_kept_past_uvicorns_default(stack: E2EStack) -> None:
+    """The API keeps an idle connection for PAYMENTS_API_KEEP_ALIVE_SECONDS (75 s), not
+    uvicorn's 5 s: a client (or a load balancer with a 60 s idle timeout) reusing it
+    never sends into a connection the API has just closed."""
+    url = httpx.URL(stack.api_url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    request = f"GET /healthz HTTP/1.1\r\nHost: {url.host}\r\n\r\n".encode()
+    try:
+        for _ in range(2):
+            writer.write(request)
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            await reader.readexactly(length)
+            await asyncio.sleep(6)  # past uvicorn's default keep-alive of 5 s
+        assert not reader.at_eof()
+    finally:
+        writer.close()
