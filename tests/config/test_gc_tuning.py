@@ -13,8 +13,10 @@ from config.gc_tuning import DEFAULT_FULL_THRESHOLD, tune_garbage_collector
 
 @pytest.fixture
 def restored_collector() -> Iterator[None]:
-    thresholds, callbacks = gc.get_threshold(), list(gc.callbacks)
+    thresholds, callbacks, enabled = gc.get_threshold(), list(gc.callbacks), gc.isenabled()
     yield
+    if enabled:
+        gc.enable()
     gc.unfreeze()
     gc.set_threshold(*thresholds)
     gc.callbacks[:] = callbacks
@@ -43,6 +45,7 @@ def test_the_worker_keeps_the_default_full_collections(restored_collector: None)
 def test_every_collection_is_timed_by_generation(restored_collector: None) -> None:
     tune_garbage_collector()
     tune_garbage_collector()  # twice: still one callback, each collection timed once
+    gc.disable()  # only the two collections below (explicit ones still run)
     before_full, before_young = _pauses("2"), _pauses("0")
     gc.collect()
     gc.collect(0)
