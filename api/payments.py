@@ -136,20 +136,6 @@ def summary_for(client_name: str, key: str, request: PaymentRequest) -> str:
     return f"Charge {amount} for client {client_name}, key {key}"
 
 
-def _payment_input(
-    client_id: str, key: str, request: PaymentRequest, origin_request_id: str
-) -> PaymentInput:
-    """The run's input, as the request whose start created it sent it."""
-    return PaymentInput(
-        payment_id=payment_id_for(client_id, key),
-        client_id=client_id,
-        idempotency_key=key,
-        request=request,
-        request_fingerprint=request.fingerprint(),
-        origin_request_id=origin_request_id,
-    )
-
-
 class PaymentService:
     def __init__(
         self,
@@ -272,7 +258,7 @@ class PaymentService:
             )
 
         request_id = uuid.uuid4().hex
-        payment_input = _payment_input(client_id, key, request, request_id)
+        payment_input = PaymentInput.for_request(client_id, key, request, request_id)
         opened: StoredPayment | None = None
         admitting = _Admitting(deadline)
         first_here = self._admitting.setdefault(ids, admitting) is admitting
@@ -468,7 +454,9 @@ class PaymentService:
             # A closed run that never opened its row (failed or terminated before it).
             return await self._closed_run_answer(client_id, key, fingerprint)
         # The same fingerprint: this request's body is the run's.
-        stored = await self._open_row(_payment_input(client_id, key, request, origin.request_id))
+        stored = await self._open_row(
+            PaymentInput.for_request(client_id, key, request, origin.request_id)
+        )
         return PaymentAnswer(stored.payment, replayed=origin.request_id != request_id)
 
     async def _run_origin(self, workflow_id: str) -> _RunOrigin | None:

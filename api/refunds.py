@@ -50,7 +50,6 @@ from domain.refunds import (
     RefundRefusal,
     RefundRequest,
     Reservation,
-    refund_id_for,
     refund_workflow_id,
 )
 from ledger.repositories import RefundRepository
@@ -150,14 +149,7 @@ class RefundService:
     ) -> RefundAnswer:
         request_id = uuid.uuid4().hex
         fingerprint = request.fingerprint()
-        refund_input = RefundInput(
-            refund_id=refund_id_for(client_id, key),
-            client_id=client_id,
-            idempotency_key=key,
-            request=request,
-            request_fingerprint=fingerprint,
-            origin_request_id=request_id,
-        )
+        refund_input = RefundInput.for_request(client_id, key, request, request_id)
         reservation = await self._reserve(refund_input)
         if reservation.refusal is not None or reservation.refund is None:
             assert reservation.refusal is not None

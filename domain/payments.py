@@ -93,6 +93,21 @@ class PaymentInput:
     # The request that started the run; later attaches with another id are replays.
     origin_request_id: str
 
+    @classmethod
+    def for_request(
+        cls, client_id: str, idempotency_key: str, request: PaymentRequest, origin_request_id: str
+    ) -> PaymentInput:
+        """The run's input for a request: the payment id and the fingerprint are derived
+        from the key and the body, so no caller can pass ones that do not match."""
+        return cls(
+            payment_id=payment_id_for(client_id, idempotency_key),
+            client_id=client_id,
+            idempotency_key=idempotency_key,
+            request=request,
+            request_fingerprint=request.fingerprint(),
+            origin_request_id=origin_request_id,
+        )
+
 
 @dataclass(frozen=True)
 class Payment:

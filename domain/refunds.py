@@ -126,6 +126,21 @@ class RefundInput:
     request_fingerprint: str
     origin_request_id: str
 
+    @classmethod
+    def for_request(
+        cls, client_id: str, idempotency_key: str, request: RefundRequest, origin_request_id: str
+    ) -> RefundInput:
+        """The run's input for a request: the refund id and the fingerprint are derived
+        from the key and the body, so no caller can pass ones that do not match."""
+        return cls(
+            refund_id=refund_id_for(client_id, idempotency_key),
+            client_id=client_id,
+            idempotency_key=idempotency_key,
+            request=request,
+            request_fingerprint=request.fingerprint(),
+            origin_request_id=origin_request_id,
+        )
+
 
 @dataclass(frozen=True)
 class Reservation:

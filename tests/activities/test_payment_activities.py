@@ -24,7 +24,6 @@ from domain.payments import (
     PaymentRequest,
     PaymentStatus,
     RecordOutcomeInput,
-    payment_id_for,
 )
 from ledger.repositories import PaymentRepository
 from tests.helpers.provider import SandboxProvider
@@ -33,14 +32,7 @@ from tests.helpers.provider import SandboxProvider
 def _payment_input(client_id: str, payment_method: str = "pm_card_visa") -> PaymentInput:
     key = str(uuid.uuid4())
     request = PaymentRequest(amount=4200, currency="EUR", payment_method=payment_method)
-    return PaymentInput(
-        payment_id=payment_id_for(client_id, key),
-        client_id=client_id,
-        idempotency_key=key,
-        request=request,
-        request_fingerprint=request.fingerprint(),
-        origin_request_id="r1",
-    )
+    return PaymentInput.for_request(client_id, key, request, "r1")
 
 
 @pytest.fixture

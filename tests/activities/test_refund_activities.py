@@ -18,7 +18,6 @@ from domain.payments import (
     PaymentRequest,
     PaymentStatus,
     RecordOutcomeInput,
-    payment_id_for,
 )
 from domain.refunds import (
     REFUND_REFUSED_ERROR,
@@ -29,7 +28,6 @@ from domain.refunds import (
     RefundInput,
     RefundRequest,
     RefundStatus,
-    refund_id_for,
 )
 from ledger.repositories import PaymentRepository
 from tests.helpers.provider import SandboxProvider
@@ -51,14 +49,7 @@ async def _charged_payment(
         client = await add_client(session, name="refund-activity-tests", webhook_url=None)
     key = str(uuid.uuid4())
     request = PaymentRequest(amount=1000, currency="EUR", payment_method="pm_card_visa")
-    payment = PaymentInput(
-        payment_id=payment_id_for(client.client_id, key),
-        client_id=client.client_id,
-        idempotency_key=key,
-        request=request,
-        request_fingerprint=request.fingerprint(),
-        origin_request_id="r",
-    )
+    payment = PaymentInput.for_request(client.client_id, key, request, "r")
     async with ProviderClient(sandbox_provider.base_url, sandbox_provider.api_key, 2.0) as provider:
         charge = await provider.charge(
             idempotency_key=payment.payment_id,
@@ -78,14 +69,7 @@ async def _charged_payment(
 def _refund_input(payment: PaymentInput, amount: int | None) -> RefundInput:
     key = str(uuid.uuid4())
     request = RefundRequest(payment_id=payment.payment_id, amount=amount)
-    return RefundInput(
-        refund_id=refund_id_for(payment.client_id, key),
-        client_id=payment.client_id,
-        idempotency_key=key,
-        request=request,
-        request_fingerprint=request.fingerprint(),
-        origin_request_id="r",
-    )
+    return RefundInput.for_request(payment.client_id, key, request, "r")
 
 
 async def test_a_retried_provider_refund_refunds_once(

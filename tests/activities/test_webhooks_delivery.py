@@ -35,7 +35,6 @@ from domain.payments import (
     PaymentRequest,
     PaymentStatus,
     RecordOutcomeInput,
-    payment_id_for,
 )
 from ledger.payment_sql import PooledPaymentLedger
 
@@ -66,14 +65,7 @@ async def _client(sessions: async_sessionmaker[AsyncSession], url: str) -> Creat
 async def _succeeded_payment(activities: PaymentActivities, client_id: str) -> str:
     key = str(uuid.uuid4())
     request = PaymentRequest(amount=1500, currency="EUR", payment_method="pm_card_visa")
-    payment = PaymentInput(
-        payment_id=payment_id_for(client_id, key),
-        client_id=client_id,
-        idempotency_key=key,
-        request=request,
-        request_fingerprint=request.fingerprint(),
-        origin_request_id="r1",
-    )
+    payment = PaymentInput.for_request(client_id, key, request, "r1")
     await env.run(activities.open_payment, OpenPaymentInput(payment))
     await env.run(
         activities.record_outcome,

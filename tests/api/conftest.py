@@ -92,16 +92,7 @@ async def store_payment(
     payment_id = payment_id_for(client_id, key)
     async with sessions() as session, session.begin():
         repository = PaymentRepository(session)
-        await repository.open(
-            PaymentInput(
-                payment_id=payment_id,
-                client_id=client_id,
-                idempotency_key=key,
-                request=request,
-                request_fingerprint=request.fingerprint(),
-                origin_request_id=uuid.uuid4().hex,
-            )
-        )
+        await repository.open(PaymentInput.for_request(client_id, key, request, uuid.uuid4().hex))
     if status is not PaymentStatus.PROCESSING:
         async with sessions() as session, session.begin():
             await PaymentRepository(session).record_outcome(

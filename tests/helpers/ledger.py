@@ -11,14 +11,12 @@ from domain.payments import (
     PaymentRequest,
     PaymentStatus,
     RecordOutcomeInput,
-    payment_id_for,
 )
 from domain.refunds import (
     RecordRefundInput,
     RefundInput,
     RefundRequest,
     RefundStatus,
-    refund_id_for,
 )
 from ledger.repositories import PaymentRepository, RefundRepository
 
@@ -41,13 +39,11 @@ async def payment_in_ledger(
         description=description,
         metadata=metadata or {},
     )
-    payment = PaymentInput(
-        payment_id=payment_id_for(client_id, key),
-        client_id=client_id,
-        idempotency_key=key,
-        request=request,
-        request_fingerprint=request.fingerprint(),
-        origin_request_id=uuid.uuid4().hex,
+    payment = PaymentInput.for_request(
+        client_id,
+        key,
+        request,
+        uuid.uuid4().hex,
     )
     async with sessions() as session, session.begin():
         repository = PaymentRepository(session)
@@ -74,14 +70,7 @@ async def refund_in_ledger(
     """A refund of ``payment``: succeeded, failed, or still pending (``ok`` None)."""
     key = str(uuid.uuid4())
     request = RefundRequest(payment_id=payment.payment_id, amount=amount, reason="duplicate")
-    refund = RefundInput(
-        refund_id=refund_id_for(payment.client_id, key),
-        client_id=payment.client_id,
-        idempotency_key=key,
-        request=request,
-        request_fingerprint=request.fingerprint(),
-        origin_request_id="r",
-    )
+    refund = RefundInput.for_request(payment.client_id, key, request, "r")
     async with sessions() as session, session.begin():
         await RefundRepository(session).reserve(refund)
         if ok is None:

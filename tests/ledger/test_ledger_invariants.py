@@ -15,7 +15,6 @@ from domain.payments import (
     PaymentRequest,
     PaymentStatus,
     RecordOutcomeInput,
-    payment_id_for,
 )
 from ledger.repositories import PaymentRepository
 from ledger.tables import LedgerEntry
@@ -26,14 +25,7 @@ async def _opened_payment(sessions: async_sessionmaker[AsyncSession]) -> Payment
         client = await add_client(session, name="ledger-tests", webhook_url=None)
         key = str(uuid.uuid4())
         request = PaymentRequest(amount=900, currency="EUR", payment_method="pm_card_visa")
-        payment = PaymentInput(
-            payment_id=payment_id_for(client.client_id, key),
-            client_id=client.client_id,
-            idempotency_key=key,
-            request=request,
-            request_fingerprint=request.fingerprint(),
-            origin_request_id="r",
-        )
+        payment = PaymentInput.for_request(client.client_id, key, request, "r")
         await PaymentRepository(session).open(payment)
     return payment
 
@@ -64,14 +56,7 @@ async def test_one_key_per_client_is_one_payment_row(
     other_body = PaymentRequest(amount=1, currency="EUR", payment_method="pm_card_visa")
     async with sessions() as session, session.begin():
         again = await PaymentRepository(session).open(
-            PaymentInput(
-                payment_id=payment.payment_id,
-                client_id=payment.client_id,
-                idempotency_key=payment.idempotency_key,
-                request=other_body,
-                request_fingerprint=other_body.fingerprint(),
-                origin_request_id="r2",
-            )
+            PaymentInput.for_request(payment.client_id, payment.idempotency_key, other_body, "r2")
         )
     assert again.payment.amount == 900, "the first request's row stands"
     assert again.request_fingerprint == payment.request_fingerprint

@@ -14,7 +14,6 @@ from domain.payments import (
     PaymentRequest,
     PaymentStatus,
     RecordOutcomeInput,
-    payment_id_for,
 )
 from ledger.outcomes import OutcomeListener
 from ledger.repositories import PaymentRepository
@@ -38,14 +37,7 @@ async def test_waiters_wake_on_open_until_they_have_the_row_and_all_wake_on_the_
         client = await add_client(session, name="notify-tests", webhook_url=None)
     key = str(uuid.uuid4())
     request = PaymentRequest(amount=700, currency="EUR", payment_method="pm_card_visa")
-    payment = PaymentInput(
-        payment_id=payment_id_for(client.client_id, key),
-        client_id=client.client_id,
-        idempotency_key=key,
-        request=request,
-        request_fingerprint=request.fingerprint(),
-        origin_request_id="origin",
-    )
+    payment = PaymentInput.for_request(client.client_id, key, request, "origin")
     listener = OutcomeListener(database_url)
     await listener.start()
     try:

@@ -17,7 +17,6 @@ from domain.payments import (
     PaymentRequest,
     PaymentStatus,
     RecordOutcomeInput,
-    payment_id_for,
 )
 from ledger.payment_sql import PooledPaymentLedger
 from ledger.repositories import ClientRepository, PaymentRepository
@@ -29,14 +28,7 @@ def _input(client_id: str, key: str, amount: int, origin: str) -> PaymentInput:
     request = PaymentRequest(
         amount=amount, currency="EUR", payment_method="pm_card_visa", metadata={"n": origin}
     )
-    return PaymentInput(
-        payment_id=payment_id_for(client_id, key),
-        client_id=client_id,
-        idempotency_key=key,
-        request=request,
-        request_fingerprint=request.fingerprint(),
-        origin_request_id=origin,
-    )
+    return PaymentInput.for_request(client_id, key, request, origin)
 
 
 async def test_the_webhook_read_equals_the_repositories_for_every_kind_of_payment(

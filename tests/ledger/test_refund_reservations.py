@@ -22,7 +22,6 @@ from domain.refunds import (
     RefundRequest,
     RefundStatus,
     Reservation,
-    refund_id_for,
 )
 from ledger.repositories import PaymentRepository, RefundRepository
 from ledger.tables import RefundRow
@@ -42,14 +41,7 @@ async def _payment(
 def _refund(payment: PaymentInput, amount: int | None, key: str | None = None) -> RefundInput:
     key = key or str(uuid.uuid4())
     request = RefundRequest(payment_id=payment.payment_id, amount=amount)
-    return RefundInput(
-        refund_id=refund_id_for(payment.client_id, key),
-        client_id=payment.client_id,
-        idempotency_key=key,
-        request=request,
-        request_fingerprint=request.fingerprint(),
-        origin_request_id="r",
-    )
+    return RefundInput.for_request(payment.client_id, key, request, "r")
 
 
 async def _reserve(sessions: async_sessionmaker[AsyncSession], refund: RefundInput) -> Reservation:

@@ -71,16 +71,7 @@ async def _succeeded_payment(
     payment_id = payment_id_for(client_id, key)
     async with sessions() as session, session.begin():
         repository = PaymentRepository(session)
-        await repository.open(
-            PaymentInput(
-                payment_id=payment_id,
-                client_id=client_id,
-                idempotency_key=key,
-                request=request,
-                request_fingerprint=request.fingerprint(),
-                origin_request_id="test",
-            )
-        )
+        await repository.open(PaymentInput.for_request(client_id, key, request, "test"))
         await repository.record_outcome(
             RecordOutcomeInput(
                 payment_id=payment_id,

@@ -33,7 +33,6 @@ from domain.payments import (
     PaymentRequest,
     PaymentStatus,
     RecordOutcomeInput,
-    payment_id_for,
 )
 from tests.helpers.history import charge_attempts
 from tests.helpers.provider import SandboxProvider
@@ -48,14 +47,7 @@ def _value(name: str, **labels: str) -> float:
 def _payment(client_id: str, payment_method: str = "pm_card_visa") -> PaymentInput:
     key = str(uuid.uuid4())
     request = PaymentRequest(amount=700, currency="EUR", payment_method=payment_method)
-    return PaymentInput(
-        payment_id=payment_id_for(client_id, key),
-        client_id=client_id,
-        idempotency_key=key,
-        request=request,
-        request_fingerprint=request.fingerprint(),
-        origin_request_id="r1",
-    )
+    return PaymentInput.for_request(client_id, key, request, "r1")
 
 
 def _charge(payment: PaymentInput) -> ChargeInput:

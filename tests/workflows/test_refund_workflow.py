@@ -44,7 +44,6 @@ from domain.refunds import (
     RefundRefusalDetails,
     RefundRequest,
     RefundStatus,
-    refund_id_for,
 )
 from tests.helpers.temporal import register_search_attributes
 from workflows.refund import AWAIT_REFUND_UPDATE, RefundWorkflow
@@ -146,14 +145,7 @@ def _pending(refund: RefundInput) -> Refund:
 def _refund_input() -> RefundInput:
     key = str(uuid.uuid4())
     request = RefundRequest(payment_id="pay_1", amount=400, reason="requested_by_customer")
-    return RefundInput(
-        refund_id=refund_id_for("cli_test", key),
-        client_id="cli_test",
-        idempotency_key=key,
-        request=request,
-        request_fingerprint=request.fingerprint(),
-        origin_request_id="first-request",
-    )
+    return RefundInput.for_request("cli_test", key, request, "first-request")
 
 
 async def _start(
