@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import math
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from bench.loadgen import GeneratorResult, Record
@@ -22,8 +25,22 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(rank, len(ordered)) - 1]
 
 
-def latency_ms(records: Iterable[Record]) -> dict[str, Any]:
-    values = [r.latency * 1000 for r in records if r.status in OK_STATUSES]
+def write_records(path: Path, records: Iterable[Record]) -> None:
+    """Every request of the storm, one CSV row each (send time, latency, status, kind,
+    replayed, attempt): for questions the report's percentiles do not answer, such as
+    what arrived just before a slow answer."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [field.name for field in dataclasses.fields(Record)]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(names)
+        for record in sorted(records, key=lambda r: r.sent_at):
+            writer.writerow([getattr(record, name) for name in names])
+
+
+def latency_ms(records: Iterable[Record], *, answered_only: bool = True) -> dict[str, Any]:
+    """Percentiles of the answers' latencies; ``answered_only``: of 200, 201 and 202."""
+    values = [r.latency * 1000 for r in records if r.status in OK_STATUSES or not answered_only]
     return {
         "count": len(values),
         "p50": _round(percentile(values, 50)),
@@ -79,7 +96,18 @@ def latencies_by_kind(records: list[Record]) -> dict[str, Any]:
         "replays_final": latency_ms(
             r for r in records if r.replayed and r.payment_status not in (None, "processing")
         ),
+        # A repeat whose first request is still queued or starting its run is told so
+        # (409, come back later) rather than answered with the payment.
+        "in_progress_409": latency_ms((r for r in records if _in_progress(r)), answered_only=False),
+        # Every request the API recognised as a repeat, whichever of the two answers.
+        "repeats": latency_ms(
+            (r for r in records if r.replayed or _in_progress(r)), answered_only=False
+        ),
     }
+
+
+def _in_progress(record: Record) -> bool:
+    return record.status == 409 and record.problem == "idempotency-request-in-progress"
 
 
 def statuses(records: Iterable[Record]) -> dict[str, int]:

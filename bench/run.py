@@ -37,6 +37,7 @@ from bench.report import (
     latencies_by_kind,
     latency_ms,
     percentile,
+    write_records,
 )
 from bench.report import statuses as status_counts
 from bench.report import table as render_table
@@ -162,6 +163,7 @@ async def storm(
     plan: Plan,
     credentials: list[Credentials],
     args: argparse.Namespace,
+    records_path: Path,
 ) -> dict[str, Any]:
     client_ids = [c.client_id for c in credentials]
     ctx = multiprocessing.get_context("spawn")
@@ -240,6 +242,7 @@ async def storm(
     logs_after = observe.log_sizes(target.log_files())
 
     records = [r for g in generator_results for r in g.records]
+    write_records(records_path, records)
     finished_at = ledger.last_terminal_at or time.time()
     duration = max(finished_at - started_wall, 1e-9)
     lock_wait_lines = 0
@@ -598,7 +601,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"Storm: {plan.requests} requests ({len(plan.keys)} unique keys, "
               f"{plan.duplicates} duplicates), {args.concurrency} in flight, "
               f"{args.clients} clients", flush=True)  # fmt: skip
-        report["storm"] = await storm(target, plan, credentials, args)
+        records_path = BENCH_DIR / f"records-{run_id}.csv"
+        report["storm"] = await storm(target, plan, credentials, args, records_path)
+        print(f"  every request of the storm: {records_path}", flush=True)
         print(f"  storm figures saved: {write_report(report)}", flush=True)
         await observe.set_provider_faults(target.provider_url, target.provider_api_key, {})
 
@@ -671,8 +676,12 @@ def summarise(report: dict[str, Any]) -> tuple[str, str]:
         "replays",
         "replays_running",
         "replays_final",
+        "in_progress_409",
+        "repeats",
     ):
-        v = lat[kind]
+        v = lat.get(kind)
+        if v is None:
+            continue  # a report from before the line existed
         rows.append(
             (f"latency {kind} (ms)",
              f"p50 {fmt(v['p50'])}  p95 {fmt(v['p95'])}  p99 {fmt(v['p99'])}  n={v['count']}")
@@ -731,6 +740,7 @@ def summarise(report: dict[str, Any]) -> tuple[str, str]:
     summary = (
         f"SUMMARY payments/s={fmt(pps)} ratio={ratio} ratio_local={ratio_local} "
         f"dup_p99_ms={lat['duplicates']['p99']} replay_p99_ms={lat['replays']['p99']} "
+        f"repeats_p99_ms={lat.get('repeats', {}).get('p99')} "
         f"first_p50_ms={lat['first']['p50']} "
         f"double_charges={prov['double_charged_keys']} ledger_balanced={ledger['balanced']} "
         f"deadlocks={pg['deadlocks']} "

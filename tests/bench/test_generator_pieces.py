@@ -205,6 +205,26 @@ def test_replays_are_split_by_the_state_they_answered() -> None:
     assert lat["replays_final"]["max"] == 6.0
 
 
+def test_repeats_count_the_409s_that_said_the_first_request_is_in_progress() -> None:
+    def record(latency: float, status: int, replayed: bool, problem: str | None) -> Record:
+        return Record(1, "dup_in_flight", status, latency, 0.0, replayed, None, None, 1, problem)
+
+    records = [
+        record(0.020, 202, True, None),
+        record(0.003, 409, False, "idempotency-request-in-progress"),
+        record(0.150, 409, False, "idempotency-request-in-progress"),
+        record(0.002, 409, False, "idempotency-key-reused"),  # a different body: no repeat
+        record(5.000, 503, False, "payments-backlog-full"),
+    ]
+    lat = latencies_by_kind(records)
+    assert lat["replays"]["count"] == 1
+    assert lat["in_progress_409"]["count"] == 2
+    assert lat["in_progress_409"]["max"] == 150.0
+    assert lat["repeats"]["count"] == 3
+    assert lat["repeats"]["p50"] == 20.0
+    assert lat["repeats"]["max"] == 150.0
+
+
 async def test_generator_retries_a_refused_request_with_the_same_key(
     fake_api: tuple[_FakeApi, int],
 ) -> None:
