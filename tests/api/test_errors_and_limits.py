@@ -4,6 +4,7 @@ and request rates are bounded; an unreachable dependency is a 503 with Retry-Aft
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -194,11 +195,12 @@ async def test_one_client_at_its_rate_limit_does_not_slow_another(
         '"default";r=1;t=2',
         '"default";r=0;t=3',
     ]
-    for response in (limited, limited_post):
+    # Each refused request is given its own token's time: the second waits for the second.
+    for response, seconds in ((limited, 1), (limited_post, 2)):
         _assert_problem(response, 429, "rate-limited")
-        assert response.headers["Retry-After"] == "1"
+        assert response.headers["Retry-After"] == str(seconds)
         assert response.headers["RateLimit-Policy"] == '"default";q=1;w=1'
-        assert response.headers["RateLimit"] == '"default";r=0;t=1'
+        assert response.headers["RateLimit"] == f'"default";r=0;t={seconds}'
     assert other.status_code == 200
     assert other.headers["RateLimit"].startswith('"default";r=2;')
 
@@ -216,6 +218,25 @@ def test_the_token_bucket_refills_at_its_rate_up_to_its_burst() -> None:
     now[0] += 3600
     assert limiter.take("a").remaining == 199, "never more than the burst"
     assert limiter.take("b").remaining == 199, "each client has its own bucket"
+
+
+def test_requests_refused_together_are_told_to_come_back_at_the_rate_not_together() -> None:
+    now = [0.0]
+    limiter = RateLimiter(100, 200, clock=lambda: now[0])
+    assert all(limiter.take("a").allowed for _ in range(200))
+    herd = [limiter.take("a") for _ in range(1000)]
+    assert not any(refused.allowed for refused in herd)
+    told = Counter(refused.retry_after for refused in herd)
+    # A thousand refused at 100 a second: about 100 told each second from 1 to 10.
+    assert sorted(told) == list(range(1, 11))
+    assert all(95 <= count <= 105 for count in told.values()), told
+    assert all(refused.reset == refused.retry_after for refused in herd)
+    # The hundred told "1 s" find their tokens when they come back.
+    now[0] += 1.0
+    assert all(limiter.take("a").allowed for _ in range(told[1]))
+    # A client that keeps sending is not told to wait more than a minute.
+    assert max(limiter.take("a").retry_after for _ in range(10_000)) == 60
+    assert limiter.take("b").allowed, "another client's bucket is untouched"
 
 
 @pytest.mark.parametrize(
