@@ -19,6 +19,7 @@ from api.metrics import (
     BACKLOG_WAITING,
     READ_POOL_IN_USE,
     READ_POOL_WAITING,
+    STARTS_IN_FLIGHT,
     install_metrics,
     watch_event_loop,
 )
@@ -86,6 +87,7 @@ def create_app(settings: Settings | None = None, *, tune_gc: bool = False) -> Fa
             ledger=PooledPaymentLedger(lookups.pool),
             start_slots=start_slots,
         )
+        STARTS_IN_FLIGHT.set_function(lambda: app.state.payments.starts_in_flight)
         app.state.rate_limiter = RateLimiter(
             settings.api_rate_limit_per_second, settings.api_rate_limit_burst
         )

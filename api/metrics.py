@@ -65,6 +65,10 @@ BACKLOG_REFUSED = Counter(
     "New payments answered 503 payments-backlog-full: the payments awaiting their "
     "outcome were at PAYMENTS_API_MAX_PROCESSING_PAYMENTS for the request's whole wait.",
 )
+STARTS_IN_FLIGHT = Gauge(
+    "payments_api_starts_in_flight",
+    "Starts of payment runs this API process has sent to Temporal and not yet had answered.",
+)
 BACKLOG_WAITING = Gauge(
     "payments_api_backlog_waiting",
     "New payments waiting in this API process for room in the backlog.",

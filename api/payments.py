@@ -89,6 +89,11 @@ ORIGIN_REQUEST_MEMO = "origin_request_id"
 ORIGIN_FINGERPRINT_MEMO = "request_fingerprint"
 # Asked after the wait ran out: a server that does not answer this fast is down for us.
 DESCRIBE_TIMEOUT = timedelta(seconds=2)
+# How long a repeat waits for its first request's start to be confirmed (the row
+# opened) before it is told the first is in progress (409). Unloaded a start takes
+# milliseconds; in the storm benchmark the server took seconds to confirm a batch, and
+# a repeat held that long was the slowest answer the API gave to any duplicate.
+REPEAT_WAITS_FOR_START_SECONDS = 0.1
 # While the ledger's listener is disconnected, a waiting duplicate re-reads the row
 # this often on its own (the listener wakes every waiter when it is back).
 LEDGER_POLL_SECONDS = 1.0
@@ -164,6 +169,8 @@ class PaymentService:
         self._outcomes = outcomes
         # (client id, key) of the requests between "no row yet" and "row open".
         self._admitting: dict[tuple[str, str], _Admitting] = {}
+        # Starts of runs sent to Temporal and not yet answered (a gauge on /metrics).
+        self.starts_in_flight = 0
 
     async def _stored(self, client_id: str, key: str) -> StoredPayment | None:
         try:
@@ -244,7 +251,9 @@ class PaymentService:
         ids = (client_id, key)
         stored = await self._stored(client_id, key)
         if stored is None and (ahead := self._admitting.get(ids)) is not None:
-            stored = await self._behind(ahead, ids, deadline)
+            # A repeat that asked to wait (Prefer: wait) waits for the start too.
+            patience = max(replay_deadline, now + REPEAT_WAITS_FOR_START_SECONDS)
+            stored = await self._behind(ahead, ids, min(patience, deadline))
         if stored is not None:
             if stored.request_fingerprint != fingerprint:
                 raise idempotency_key_reused()
@@ -280,7 +289,11 @@ class PaymentService:
             ):
                 admitting.queued = False
                 admitting.moved.clear()  # set again when its row is open
-                start = await self._start_run(payment_input, client_name, wait_seconds)
+                self.starts_in_flight += 1
+                try:
+                    start = await self._start_run(payment_input, client_name, wait_seconds)
+                finally:
+                    self.starts_in_flight -= 1
                 if start is _Start.CREATED:
                     # This request's start created the run: open its row now rather than
                     # when a worker gets to it, so duplicates, GET and a 202 need nothing
@@ -317,15 +330,16 @@ class PaymentService:
         self, ahead: _Admitting, ids: tuple[str, str], deadline: float
     ) -> StoredPayment | None:
         """A request with the key of one this process is already admitting: the row, once
-        that one has opened it; 409 while it is still queued for room (no payment exists
-        yet, and queueing behind it would only hold a second place in the line)."""
+        that one has opened it (waiting for that until ``deadline``); 409 while it is
+        still queued for room (no payment exists yet, and queueing behind it would only
+        hold a second place in the line) or still starting its run past ``deadline``."""
         loop = asyncio.get_running_loop()
         if not ahead.queued:
             # Admitted and starting the run, or about to learn whether it must queue.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, deadline - loop.time())):
                     await ahead.moved.wait()
-        if ahead.queued:
+        if ahead.queued or not ahead.moved.is_set():
             raise idempotency_request_in_progress(max(1, math.ceil(ahead.deadline - loop.time())))
         # None if it failed (Temporal down, the database): this request tries itself.
         return await self._stored(*ids)

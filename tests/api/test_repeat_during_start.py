@@ -1,0 +1,77 @@
+"""A repeat that arrives while its first request is still starting the run waits a
+moment for the start, then is told the first is in progress (409), instead of being
+held for as long as a slow Temporal server takes to confirm the start."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from api.app import create_app
+from api.payments import REPEAT_WAITS_FOR_START_SECONDS
+from devstack.ports import free_port
+from tests.api.conftest import api_settings, bearer, running_api
+
+TYPES = "https://payments.example.com/problems/"
+VISA = {"amount": 1250, "currency": "EUR", "payment_method": "pm_card_visa"}
+
+
+@asynccontextmanager
+async def unresponsive_server() -> AsyncIterator[str]:
+    """A TCP address that accepts connections and never answers on them: a Temporal
+    server too busy to confirm anything."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    port = free_port()
+    server = await asyncio.start_server(hold, "127.0.0.1", port)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.close()
+        for writer in held:
+            writer.close()
+        await server.wait_closed()
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not on /metrics")
+
+
+async def test_a_repeat_of_a_payment_whose_start_is_unconfirmed_is_409_in_progress_soon(
+    database_url: str, new_client: Callable[..., Any]
+) -> None:
+    client = await new_client()
+    headers = {**bearer(client.api_key), "Idempotency-Key": str(uuid.uuid4())}
+    async with unresponsive_server() as temporal_address:
+        settings = api_settings(database_url, api_wait_seconds=2)
+        settings = settings.model_copy(update={"temporal_address": temporal_address})
+        async with running_api(create_app(settings)) as api:
+            first = asyncio.create_task(api.post("/v1/payments", json=VISA, headers=headers))
+            while _metric((await api.get("/metrics")).text, "payments_api_starts_in_flight") < 1:
+                assert not first.done(), first.result().text
+                await asyncio.sleep(0.01)
+
+            started = time.monotonic()
+            repeat = await api.post("/v1/payments", json=VISA, headers=headers)
+            waited = time.monotonic() - started
+
+            assert not first.done()  # the first is still waiting for its start
+            assert repeat.status_code == 409, repeat.text
+            assert repeat.headers["content-type"] == "application/problem+json"
+            assert repeat.json()["type"] == TYPES + "idempotency-request-in-progress"
+            assert 1 <= int(repeat.headers["Retry-After"]) <= 2
+            assert waited >= REPEAT_WAITS_FOR_START_SECONDS
+            # The server never confirmed the start: the first is told to retry.
+            answer = await first
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["type"] == TYPES + "service-unavailable"
