@@ -340,7 +340,9 @@ class PaymentService:
                 async with asyncio.timeout(max(0.0, deadline - loop.time())):
                     await ahead.moved.wait()
         if ahead.queued or not ahead.moved.is_set():
-            raise idempotency_request_in_progress(max(1, math.ceil(ahead.deadline - loop.time())))
+            raise idempotency_request_in_progress(
+                max(1, math.ceil(ahead.deadline - loop.time())), starting=not ahead.queued
+            )
         # None if it failed (Temporal down, the database): this request tries itself.
         return await self._stored(*ids)
 

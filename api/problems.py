@@ -238,14 +238,21 @@ def idempotency_key_reused() -> Problem:
     )
 
 
-def idempotency_request_in_progress(retry_after: int) -> Problem:
+def idempotency_request_in_progress(retry_after: int, *, starting: bool = False) -> Problem:
+    """``starting``: the first request's start of the run is sent but not yet confirmed
+    (otherwise it is queued and nothing has started)."""
     bind_request_fields(turned_away="request_in_progress")  # logged as load shed
+    where = (
+        "is still starting its payment"
+        if starting
+        else "is still queued for room and nothing has started for it yet"
+    )
     return Problem(
         409,
         "idempotency-request-in-progress",
         "A request with this Idempotency-Key is in progress",
-        "The first request with this key is still queued for room and nothing has started "
-        f"for it yet. Retry in {retry_after} s with the same key; it never charges twice.",
+        f"The first request with this key {where}. "
+        f"Retry in {retry_after} s with the same key; it never charges twice.",
         headers={"Retry-After": str(retry_after)},
     )
 

@@ -69,6 +69,7 @@ async def test_a_repeat_of_a_payment_whose_start_is_unconfirmed_is_409_in_progre
             assert repeat.status_code == 409, repeat.text
             assert repeat.headers["content-type"] == "application/problem+json"
             assert repeat.json()["type"] == TYPES + "idempotency-request-in-progress"
+            assert "still starting its payment" in repeat.json()["detail"]
             assert 1 <= int(repeat.headers["Retry-After"]) <= 2
             assert waited >= REPEAT_WAITS_FOR_START_SECONDS
             # The server never confirmed the start: the first is told to retry.

@@ -87,7 +87,11 @@ class FaultStack:
                 if response.status_code in (201, 202):
                     payment_id: str = response.json()["id"]
                     return payment_id
-                assert response.status_code in (429, 500, 502, 503), response.text
+                # 409 only while the first request with this key is still in progress.
+                in_progress = response.status_code == 409 and response.json()["type"].endswith(
+                    "/idempotency-request-in-progress"
+                )
+                assert in_progress or response.status_code in (429, 500, 502, 503), response.text
             except httpx.TransportError:
                 pass
             assert time.monotonic() < deadline, f"payment {key} never accepted"
