@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 import csv
 import dataclasses
 import math
+import statistics
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -139,3 +141,35 @@ def table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(
         f"  {name.ljust(width)}  {value}" if value else f"{name}" for name, value in rows
     )
+
+
+def slow_repeats(records: list[Record], slow_ms: float = 100.0) -> dict[str, Any]:
+    """Where the repeats' tail comes from: how many requests were sent in the 100 ms
+    before each slow repeat (over ``slow_ms``) and before each of the others, and how
+    many seconds of the storm the slow ones fall in."""
+    sent = sorted(r.sent_at for r in records)
+
+    def sent_just_before(record: Record) -> int:
+        return bisect.bisect_left(sent, record.sent_at) - bisect.bisect_left(
+            sent, record.sent_at - 0.1
+        )
+
+    repeats = [r for r in records if r.replayed or _in_progress(r)]
+    slow = [r for r in repeats if r.latency * 1000 > slow_ms]
+    others = [r for r in repeats if r.latency * 1000 <= slow_ms]
+    start = sent[0] if sent else 0.0
+    by_second = Counter(int(r.sent_at - start) for r in slow)
+    busiest = sum(count for _, count in by_second.most_common(5))
+    return {
+        "slow_ms": slow_ms,
+        "count": len(slow),
+        "of": len(repeats),
+        "sent_in_100ms_before_median": _median([sent_just_before(r) for r in slow]),
+        "others_sent_in_100ms_before_median": _median([sent_just_before(r) for r in others]),
+        "seconds_with_slow": len(by_second),
+        "share_in_busiest_5_seconds": round(busiest / len(slow), 3) if slow else None,
+    }
+
+
+def _median(values: list[int]) -> float | None:
+    return statistics.median(values) if values else None

@@ -37,6 +37,7 @@ from bench.report import (
     latencies_by_kind,
     latency_ms,
     percentile,
+    slow_repeats,
     write_records,
 )
 from bench.report import statuses as status_counts
@@ -288,6 +289,7 @@ async def storm(
         "errors_by_status": errors(records),
         "error_samples": [s for g in generator_results for s in g.error_samples][:10],
         "latency_ms": latencies_by_kind(records),
+        "slow_repeats": slow_repeats(records),
         "retries_sent": sum(1 for r in records if r.attempt > 1),
         "keys_never_accepted": len(plan.keys)
         - len({r.key_index for r in records if r.status in OK_STATUSES}),
@@ -685,6 +687,15 @@ def summarise(report: dict[str, Any]) -> tuple[str, str]:
         rows.append(
             (f"latency {kind} (ms)",
              f"p50 {fmt(v['p50'])}  p95 {fmt(v['p95'])}  p99 {fmt(v['p99'])}  n={v['count']}")
+        )  # fmt: skip
+    if (slow := storm.get("slow_repeats")) is not None:
+        rows.append(
+            (f"repeats over {slow['slow_ms']:.0f} ms: what came just before",
+             f"{slow['count']} of {slow['of']}, in {slow['seconds_with_slow']} seconds of the "
+             f"storm ({fmt(100 * (slow['share_in_busiest_5_seconds'] or 0))} % in the busiest 5); "
+             f"requests sent in the 100 ms before: median "
+             f"{fmt(slow['sent_in_100ms_before_median'])} "
+             f"(before the others: {fmt(slow['others_sent_in_100ms_before_median'])})")
         )  # fmt: skip
     prov = storm["provider"]
     ledger = storm["ledger"]

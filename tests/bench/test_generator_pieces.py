@@ -20,7 +20,7 @@ from bench.loadgen import SLOTS, Record, _drive
 from bench.observe import billable_actions
 from bench.plan import Credentials, Kind, build_plan
 from bench.rawhttp import Connection, build_request
-from bench.report import latencies_by_kind, percentile
+from bench.report import latencies_by_kind, percentile, slow_repeats
 from bench.run import _faults
 from sandbox_provider.faults import Faults
 
@@ -292,3 +292,27 @@ async def test_generator_retries_a_409_only_while_the_first_request_is_in_progre
         (0, 2, 201, None),
         (1, 1, 409, "idempotency-key-unusable"),  # a new key is needed: not resent
     ]
+
+
+def test_slow_repeats_are_told_apart_by_the_requests_sent_just_before_them() -> None:
+    def record(sent_at: float, latency: float, replayed: bool = True) -> Record:
+        status = 202 if replayed else 503
+        return Record(1, "dup_after", status, latency, sent_at, replayed, "processing", None)
+
+    burst = [record(10.0 + i / 1000, 5.0, replayed=False) for i in range(50)]  # 10.000-10.049
+    records = [
+        *burst,
+        record(10.05, 0.300),  # sent right behind the burst: slow
+        record(10.06, 0.250),
+        record(20.0, 0.005),  # alone: fast
+        record(30.0, 0.008),
+        record(40.0, 0.006),
+    ]
+    slow = slow_repeats(records)
+    assert slow["count"] == 2
+    assert slow["of"] == 5
+    assert slow["sent_in_100ms_before_median"] == 50.5  # the burst, and each other
+    assert slow["others_sent_in_100ms_before_median"] == 0
+    assert slow["seconds_with_slow"] == 1
+    assert slow["share_in_busiest_5_seconds"] == 1.0
+    assert slow_repeats([])["count"] == 0
