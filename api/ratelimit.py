@@ -10,10 +10,9 @@ the remaining requests ``r`` and ``t``, the seconds until the bucket is full aga
 
 A refused request is told when to come back (``Retry-After``), and each refused
 request of a client is given its own slot: the n-th refusal in a row waits for the
-n-th token, not for the first. With one answer for all ("1 s"), the refused came back
-together: in the storm benchmark a thousand requests refused in the same instant
-returned in the same instant a second later, were refused again but for a hundred,
-and so on, and every answer the API gave meanwhile waited behind the herd.
+n-th token, not for the first. With one answer for all ("1 s"), clients that honour
+it come back together, and all but one second's worth of them are refused again,
+while every other answer the API gives waits behind the herd.
 """
 
 from __future__ import annotations
