@@ -70,8 +70,16 @@ async def test_fifty_concurrent_duplicates_make_one_run_and_one_charge(stack: E2
                 "/v1/payments", json=VISA, headers=_headers(stack.client.api_key, key)
             )
 
-        responses = await asyncio.gather(*(send() for _ in range(50)))
+        sent = await asyncio.gather(*(send() for _ in range(50)))
+        # A repeat that arrives while the first request's start is not yet confirmed
+        # may be told it is in progress (409, README); a client resends it.
+        in_progress = [r for r in sent if r.status_code == 409]
+        for response in in_progress:
+            assert response.json()["type"].endswith("/idempotency-request-in-progress")
+        resent = [await send() for _ in in_progress]
+        responses = [r for r in sent if r.status_code != 409] + resent
 
+    assert len(responses) == 50
     # The original waits for the outcome; a repeat answers the payment as it stands
     # (DESIGN.md: "its current state"): the outcome, or processing if it came first.
     original = next(r for r in responses if "Idempotent-Replayed" not in r.headers)
@@ -241,9 +249,17 @@ async def test_concurrent_requests_with_one_key_and_different_bodies_cannot_both
     bodies = [{**VISA, "amount": 1000 + n} for n in range(6)]
     try:
         async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
-            responses = await asyncio.gather(
+            sent = await asyncio.gather(
                 *(http.post("/v1/payments", json=body, headers=headers) for body in bodies)
             )
+            # One sent while the winner's start is not yet confirmed is told it is in
+            # progress (409); resent with its body, it meets the winner's row.
+            responses = []
+            for body, response in zip(bodies, sent, strict=True):
+                if response.status_code == 409:
+                    assert response.json()["type"].endswith("/idempotency-request-in-progress")
+                    response = await http.post("/v1/payments", json=body, headers=headers)
+                responses.append(response)
     finally:
         await stack.provider.clear_faults()
 
