@@ -11,11 +11,13 @@ import structlog
 from fastapi import FastAPI
 
 from api.access_log import AccessLogMiddleware, log_shed_summary
+from api.admission import AdmissionGate, AdmissionMiddleware
 from api.auth import ApiKeyAuthenticator
 from api.backlog import BacklogGate, StartSlots, processing_counter
 from api.codec_server import create_codec_app
 from api.limits import BodyLimitMiddleware
 from api.metrics import (
+    ADMISSION_WAITING,
     BACKLOG_WAITING,
     READ_POOL_IN_USE,
     READ_POOL_WAITING,
@@ -126,6 +128,10 @@ def create_app(settings: Settings | None = None, *, tune_gc: bool = False) -> Fa
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    admission = AdmissionGate(settings.api_admissions_per_turn, settings.api_remembered_keys)
+    app.state.admission = admission
+    ADMISSION_WAITING.set_function(lambda: admission.waiting)
+    app.add_middleware(AdmissionMiddleware, gate=admission, wait_seconds=settings.api_wait_seconds)
     # Added last, so outermost: its line covers every other layer, errors included.
     app.add_middleware(AccessLogMiddleware, shed_lines=shed_lines)
 

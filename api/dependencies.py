@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request, Response, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import State
 
 from api.auth import ApiKeyAuthenticator
 from api.metrics import record_rate_limited
@@ -38,20 +39,31 @@ async def _payment_service(request: Request) -> PaymentService:
     return service
 
 
-async def _current_client(
-    request: Request,
-    response: Response,
-    _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
-) -> ClientIdentity:
-    authenticator: ApiKeyAuthenticator = request.app.state.authenticator
-    client = await authenticator.authenticate(request.headers.get("authorization"))
+async def client_within_limit(
+    state: State, authorization: str | None
+) -> tuple[ClientIdentity, dict[str, str]]:
+    """The request's client, counted against its rate limit, and the rate-limit headers
+    for its answer. Raises the 401, the 429 or the 503 (no database) to answer instead."""
+    authenticator: ApiKeyAuthenticator = state.authenticator
+    client = await authenticator.authenticate(authorization)
     bind_request_fields(client_id=client.client_id)
-    limiter: RateLimiter = request.app.state.rate_limiter
+    limiter: RateLimiter = state.rate_limiter
     decision = limiter.take(client.client_id)
     headers = limiter.headers(decision)
     if not decision.allowed:
         record_rate_limited()
         raise rate_limited(decision.retry_after, headers)
+    return client, headers
+
+
+async def _current_client(
+    request: Request,
+    response: Response,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+) -> ClientIdentity:
+    client, headers = await client_within_limit(
+        request.app.state, request.headers.get("authorization")
+    )
     response.headers.update(headers)
     return client
 

@@ -69,6 +69,11 @@ STARTS_IN_FLIGHT = Gauge(
     "payments_api_starts_in_flight",
     "Starts of payment runs this API process has sent to Temporal and not yet had answered.",
 )
+ADMISSION_WAITING = Gauge(
+    "payments_api_admission_waiting",
+    "New payment requests waiting in this API process for their turn to be let in "
+    "(api/admission.py).",
+)
 BACKLOG_WAITING = Gauge(
     "payments_api_backlog_waiting",
     "New payments waiting in this API process for room in the backlog.",

@@ -1,0 +1,191 @@
+"""New payment requests are let in a few per loop turn; a repeat of a payment the process
+knows skips the line; a repeat of a request still in the line is 409 at once."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from api.admission import AdmissionGate
+from api.app import create_app
+from tests.api.conftest import api_settings, bearer, running_api, store_payment
+
+TYPES = "https://payments.example.com/problems/"
+VISA = {"amount": 1250, "currency": "EUR", "payment_method": "pm_card_visa"}
+
+
+async def test_parked_requests_are_let_in_a_few_per_loop_turn_in_arrival_order() -> None:
+    gate = AdmissionGate(admissions_per_turn=2, remembered_keys=10)
+    turn = 0
+    ticking = True
+
+    def tick() -> None:
+        nonlocal turn
+        turn += 1
+        if ticking:
+            asyncio.get_running_loop().call_soon(tick)
+
+    asyncio.get_running_loop().call_soon(tick)
+    admitted: list[tuple[int, int]] = []  # (request, turn it was let in)
+
+    async def request(n: int) -> None:
+        await gate.wait_turn()
+        admitted.append((n, turn))
+
+    await asyncio.gather(*(request(n) for n in range(9)))
+    ticking = False
+
+    assert [n for n, _ in admitted] == list(range(9))
+    per_turn = Counter(at for _, at in admitted)
+    assert max(per_turn.values()) == 2
+    assert len(per_turn) == 5  # 9 requests, 2 a turn
+    assert gate.waiting == 0
+
+
+async def test_with_no_line_every_request_is_let_in_at_once() -> None:
+    gate = AdmissionGate(admissions_per_turn=0, remembered_keys=10)
+    loop = asyncio.get_running_loop()
+    before = loop.time()
+    await asyncio.gather(*(gate.wait_turn() for _ in range(100)))
+    assert gate.waiting == 0
+    assert loop.time() - before < 1
+
+
+def test_the_gate_forgets_its_oldest_keys_first() -> None:
+    gate = AdmissionGate(admissions_per_turn=2, remembered_keys=2)
+    keys = [(b"Bearer sk_a", str(n).encode()) for n in range(3)]
+    for ids in keys:
+        gate.remember(ids)
+    assert [gate.knows(ids) for ids in keys] == [False, True, True]
+
+
+@asynccontextmanager
+async def held_line(gate: AdmissionGate) -> AsyncIterator[asyncio.Event]:
+    """The gate's line, stopped until the event is set: every new request waits in it."""
+    opened = asyncio.Event()
+
+    async def wait_for_the_line_to_open() -> None:
+        gate_waiting.append(1)
+        await opened.wait()
+
+    gate_waiting: list[int] = []
+    original = gate.wait_turn
+    gate.wait_turn = wait_for_the_line_to_open  # type: ignore[method-assign]
+    try:
+        yield opened
+    finally:
+        opened.set()
+        gate.wait_turn = original  # type: ignore[method-assign]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail("the condition never held")
+
+
+def post(api: httpx.AsyncClient, headers: dict[str, str]) -> asyncio.Task[httpx.Response]:
+    return asyncio.create_task(api.post("/v1/payments", json=VISA, headers=headers))
+
+
+async def test_a_repeat_of_a_request_waiting_for_its_turn_is_409_at_once(
+    database_url: str, new_client: Callable[..., Any]
+) -> None:
+    client = await new_client()
+    key = str(uuid.uuid4())
+    headers = {**bearer(client.api_key), "Idempotency-Key": key}
+    other = {**bearer(client.api_key), "Idempotency-Key": str(uuid.uuid4())}
+    app = create_app(api_settings(database_url, api_wait_seconds=3))
+    async with running_api(app) as api:
+        gate: AdmissionGate = app.state.admission
+        async with held_line(gate) as line:
+            first = post(api, headers)
+            another_payment = post(api, other)
+            await until(lambda: len(gate.parked) == 2)
+
+            repeat = await asyncio.wait_for(
+                api.post("/v1/payments", json=VISA, headers=headers), timeout=5
+            )
+
+            assert not first.done()
+            assert not another_payment.done()  # a new key waits its turn
+            assert repeat.status_code == 409, repeat.text
+            assert repeat.headers["content-type"] == "application/problem+json"
+            problem = repeat.json()
+            assert problem["type"] == TYPES + "idempotency-request-in-progress"
+            assert "queued" in problem["detail"]
+            assert 1 <= int(repeat.headers["Retry-After"]) <= 3
+            assert repeat.headers["RateLimit"].startswith('"')  # counted like any request
+            line.set()
+            # Its turn came: it goes on to Temporal, which this app cannot reach.
+            answers = await asyncio.gather(first, another_payment)
+        assert [answer.status_code for answer in answers] == [503, 503]
+        assert not gate.parked
+        assert not gate.inside
+        # A 503 leaves nothing to repeat: the retry is a new payment's work again.
+        assert not gate.knows((f"Bearer {client.api_key}".encode(), key.encode()))
+
+
+async def test_a_repeat_of_a_request_in_the_line_with_an_unknown_api_key_is_401(
+    database_url: str,
+) -> None:
+    headers = {**bearer("sk_" + "x" * 40), "Idempotency-Key": str(uuid.uuid4())}
+    app = create_app(api_settings(database_url))
+    async with running_api(app) as api:
+        gate: AdmissionGate = app.state.admission
+        async with held_line(gate) as line:
+            first = post(api, headers)
+            await until(lambda: len(gate.parked) == 1)
+            repeat = await asyncio.wait_for(
+                api.post("/v1/payments", json=VISA, headers=headers), timeout=5
+            )
+            line.set()
+            answer = await first
+    assert repeat.status_code == 401, repeat.text
+    assert repeat.json()["type"] == TYPES + "unauthorized"
+    assert answer.status_code == 401
+
+
+async def test_a_repeat_of_a_payment_this_process_answered_skips_the_line(
+    database_url: str,
+    new_client: Callable[..., Any],
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    client = await new_client()
+    key = str(uuid.uuid4())
+    await store_payment(sessions, client.client_id, key=key)
+    headers = {**bearer(client.api_key), "Idempotency-Key": key}
+    app = create_app(api_settings(database_url))
+    async with running_api(app) as api:
+        gate: AdmissionGate = app.state.admission
+        # Not known yet (stored by another process): it waits its turn, of which
+        # there is no shortage.
+        known = await api.post("/v1/payments", json=VISA, headers=headers)
+        assert known.status_code == 201, known.text
+        async with held_line(gate) as line:
+            new_payments = [
+                post(api, {**bearer(client.api_key), "Idempotency-Key": str(uuid.uuid4())})
+                for _ in range(5)
+            ]
+            await until(lambda: len(gate.parked) == 5)
+
+            repeat = await asyncio.wait_for(
+                api.post("/v1/payments", json=VISA, headers=headers), timeout=5
+            )
+
+            assert not any(task.done() for task in new_payments)
+            line.set()
+            await asyncio.gather(*new_payments)
+    assert repeat.status_code == 201, repeat.text
+    assert repeat.headers["Idempotent-Replayed"] == "true"
+    assert repeat.json() == known.json()
