@@ -335,6 +335,11 @@ async def storm(
                 sum(g.cpu_seconds for g in generator_results) * 1000 / max(plan.requests, 1), 3
             ),
             "loop_lag_ms": generator_loop_lag_ms(generator_results),
+            # Before the first request: not in any request's latency.
+            "connections": sum(g.connections for g in generator_results),
+            "connect_ms": round(
+                max((g.connect_seconds for g in generator_results), default=0) * 1000, 1
+            ),
         },
         "history": asdict(history),
         "billable_actions_method": observe.ACTIONS_METHOD,
@@ -725,6 +730,8 @@ def summarise(report: dict[str, Any]) -> tuple[str, str]:
         ("generator CPU", f"{storm['generator']['cpu_seconds']} s "
          f"({storm['generator']['cpu_ms_per_request']} ms/request)"),
         ("generator's own loop lag (ms)", lag_line(storm["generator"].get("loop_lag_ms"))),
+        ("connections opened before the storm",
+         f"{storm['generator'].get('connections')} in {storm['generator'].get('connect_ms')} ms"),
         ("API event loop lag (0.25 s timer)", _histogram_line(storm.get("api_event_loop_lag"))),
         ("API garbage collections", _histogram_line(storm.get("api_gc_pauses"))),
         ("unloaded payment (ms)", json.dumps(unl.get("first_ms"))),

@@ -4,6 +4,7 @@ client, percentiles and the billable-actions count. Nothing here is timed."""
 from __future__ import annotations
 
 import asyncio
+import time
 import json
 from collections.abc import AsyncIterator
 
@@ -67,11 +68,15 @@ class _FakeApi:
         self.answers = 0
         self.refuse_first: set[str] = set()  # keys answered 503 once
         self.conflict_first: dict[str, str] = {}  # keys answered 409 of this type once
+        self.connected_at: list[float] = []
+        self.requests_at: list[float] = []
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connected_at.append(time.perf_counter())
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
+                self.requests_at.append(time.perf_counter())
                 headers = dict(
                     line.split(": ", 1) for line in head.decode().split("\r\n")[1:] if ": " in line
                 )
@@ -144,6 +149,21 @@ async def test_raw_client_reads_answers_and_reconnects(fake_api: tuple[_FakeApi,
             assert json.loads(response.body)["id"] == f"pay_k{i}"
     finally:
         await conn.close()
+
+
+async def test_every_connection_is_open_before_the_first_request_is_sent(
+    fake_api: tuple[_FakeApi, int],
+) -> None:
+    api, port = fake_api
+    plan = build_plan(40, duplicate_share=0.5, clients=1)
+    result = await _drive(plan, [Credentials("c1", "k1")], "127.0.0.1", port, 16, [0] * SLOTS, 0)
+    assert result.connections == 16
+    # The 16 connections (the server closes one every third answer: later ones are
+    # reconnections) were all open before the first request arrived.
+    assert len(api.connected_at) > 16
+    assert max(api.connected_at[:16]) < min(api.requests_at)
+    assert len(result.records) == 40
+    assert {r.status for r in result.records} == {201}
 
 
 async def test_generator_sends_every_request_and_labels_duplicates(
