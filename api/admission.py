@@ -34,6 +34,18 @@ from api.dependencies import client_within_limit
 from api.problems import Problem, idempotency_request_in_progress, problem_response
 
 PAYMENTS_PATH = "/v1/payments"
+# Where a request that waited in line keeps how long it waited (the request's state).
+_WAITED = "admission_wait_seconds"
+# What is left of a first request's wait after its time in line, at the least: enough
+# to start its payment and open the row.
+MIN_WAIT_AFTER_LINE_SECONDS = 1.0
+
+
+def wait_after_line(scope: Scope, wait_seconds: float) -> float:
+    """The wait a request has left once its time in line is taken off: a client waits
+    the wait it asked for (or the default) in all, not that plus its time in line."""
+    waited = float(scope.get("state", {}).get(_WAITED, 0.0))
+    return max(min(wait_seconds, MIN_WAIT_AFTER_LINE_SECONDS), wait_seconds - waited)
 
 
 class AdmissionGate:
@@ -137,11 +149,14 @@ class AdmissionMiddleware:
             await self._answer_in_progress(scope, receive, send, ids, answer_by)
             return
         if not self.gate.knows(ids):
-            self.gate.parked[ids] = asyncio.get_running_loop().time() + self.wait_seconds
+            loop = asyncio.get_running_loop()
+            parked_at = loop.time()
+            self.gate.parked[ids] = parked_at + self.wait_seconds
             try:
                 await self.gate.wait_turn()
             finally:
                 self.gate.parked.pop(ids, None)
+            scope.setdefault("state", {})[_WAITED] = loop.time() - parked_at
         await self._inside(scope, receive, send, ids)
 
     async def _inside(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 
+from api.admission import wait_after_line
 from api.dependencies import CurrentClient, PaymentServiceDep, SettingsDep
 from api.idempotency import parse_idempotency_key
 from api.openapi import BODY_PROBLEMS, COMMON_PROBLEMS, RATE_LIMIT_HEADERS, problem_responses
@@ -64,6 +65,7 @@ _PAYMENT_HEADERS: dict[str, Any] = {
 )
 async def create_payment(
     body: PaymentCreate,
+    request: Request,
     response: Response,
     client: CurrentClient,
     payments: PaymentServiceDep,
@@ -101,14 +103,16 @@ async def create_payment(
     wait_seconds = applied_wait(
         requested, default=settings.api_wait_seconds, cap=settings.api_max_wait_seconds
     )
+    # Preference-Applied names the wait asked for; the time in line counts against it.
+    left = wait_after_line(request.scope, wait_seconds)
     answer = await payments.create(
         client_id=client.client_id,
         client_name=client.name,
         key=key,
         request=body.to_domain(),
-        wait_seconds=wait_seconds,
+        wait_seconds=left,
         # A repeat answers the payment as it stands unless the client asked to wait.
-        replay_wait_seconds=wait_seconds if requested is not None else 0.0,
+        replay_wait_seconds=left if requested is not None else 0.0,
     )
     payment = answer.payment
     response.status_code = (

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.admission import AdmissionGate
+from api.admission import AdmissionGate, wait_after_line
 from api.app import create_app
 from tests.api.conftest import api_settings, bearer, running_api, store_payment
 
@@ -189,3 +189,22 @@ async def test_a_repeat_of_a_payment_this_process_answered_skips_the_line(
     assert repeat.status_code == 201, repeat.text
     assert repeat.headers["Idempotent-Replayed"] == "true"
     assert repeat.json() == known.json()
+
+
+@pytest.mark.parametrize(
+    ("waited", "wait", "left"),
+    [
+        (None, 5.0, 5.0),  # let in at once
+        (2.0, 5.0, 3.0),  # the time in line counts against the wait
+        (4.5, 5.0, 1.0),  # but leaves enough to start the payment
+        (9.0, 0.5, 0.5),  # never more than was asked for
+        (3.0, 0.0, 0.0),
+    ],
+)
+def test_the_time_in_line_counts_against_a_first_requests_wait(
+    waited: float | None, wait: float, left: float
+) -> None:
+    scope: dict[str, Any] = {"type": "http"}
+    if waited is not None:
+        scope["state"] = {"admission_wait_seconds": waited}
+    assert wait_after_line(scope, wait) == pytest.approx(left)
