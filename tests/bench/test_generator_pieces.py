@@ -4,8 +4,8 @@ client, percentiles and the billable-actions count. Nothing here is timed."""
 from __future__ import annotations
 
 import asyncio
-import time
 import json
+import time
 from collections.abc import AsyncIterator
 
 import pytest
