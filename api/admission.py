@@ -120,10 +120,11 @@ class AdmissionGate:
 def payment_request_ids(scope: Scope) -> tuple[bytes, bytes] | None:
     """(Authorization, Idempotency-Key) as sent, or None without both."""
     authorization = key = None
+    # The first of each, as the app reads them (Starlette's Headers.get).
     for name, value in scope["headers"]:
-        if name == b"authorization":
+        if name == b"authorization" and authorization is None:
             authorization = value
-        elif name == b"idempotency-key":
+        elif name == b"idempotency-key" and key is None:
             key = value
     if authorization is None or key is None:
         return None

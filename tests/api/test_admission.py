@@ -14,7 +14,7 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.admission import AdmissionGate, wait_after_line
+from api.admission import AdmissionGate, payment_request_ids, wait_after_line
 from api.app import create_app
 from tests.api.conftest import api_settings, bearer, running_api, store_payment
 
@@ -208,3 +208,16 @@ def test_the_time_in_line_counts_against_a_first_requests_wait(
     if waited is not None:
         scope["state"] = {"admission_wait_seconds": waited}
     assert wait_after_line(scope, wait) == pytest.approx(left)
+
+
+def test_the_line_reads_the_first_of_repeated_headers_as_the_app_does() -> None:
+    scope = {
+        "headers": [
+            (b"authorization", b"Bearer sk_first"),
+            (b"idempotency-key", b"k1"),
+            (b"authorization", b"Bearer sk_second"),
+            (b"idempotency-key", b"k2"),
+        ]
+    }
+    assert payment_request_ids(scope) == (b"Bearer sk_first", b"k1")
+    assert payment_request_ids({"headers": [(b"idempotency-key", b"k1")]}) is None
