@@ -73,10 +73,8 @@ async def held_line(gate: AdmissionGate) -> AsyncIterator[asyncio.Event]:
     opened = asyncio.Event()
 
     async def wait_for_the_line_to_open() -> None:
-        gate_waiting.append(1)
         await opened.wait()
 
-    gate_waiting: list[int] = []
     original = gate.wait_turn
     gate.wait_turn = wait_for_the_line_to_open  # type: ignore[method-assign]
     try:
