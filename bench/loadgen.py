@@ -14,6 +14,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import random
 import resource
 import sys
 import time
@@ -70,6 +71,15 @@ class GeneratorResult:
 
 
 LAG_TICK_SECONDS = 0.05
+# Retry-After is in whole seconds, so clients refused in the same instant and told the
+# same number would come back in the same instant; as the README asks of clients, a
+# retry waits a random fraction of a second more.
+RETRY_JITTER_SECONDS = 1.0
+
+
+def retry_delay(retry_after: float, rng: random.Random) -> float:
+    """How long a refused request waits before it is resent: at least ``Retry-After``."""
+    return retry_after + rng.uniform(0.0, RETRY_JITTER_SECONDS)
 
 
 async def _watch_own_loop(lags: list[float]) -> None:
@@ -110,9 +120,10 @@ async def _drive(
         for c in credentials
     ]
     hostport = f"{host}:{port}"
+    jitter = random.Random(slot)  # noqa: S311 — spreads retries, not a secret
 
     async def retry_later(key: KeyPlan, kind: Kind, attempt: int, after: float) -> None:
-        await asyncio.sleep(after)
+        await asyncio.sleep(retry_delay(after, jitter))
         queue.put_nowait((key, kind, attempt))
 
     pending: set[asyncio.Task[None]] = set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from collections.abc import AsyncIterator
 
@@ -17,7 +18,7 @@ from temporalio.api.history.v1 import (
 )
 
 from bench.__main__ import parse
-from bench.loadgen import SLOTS, Record, _drive
+from bench.loadgen import RETRY_JITTER_SECONDS, SLOTS, Record, _drive, retry_delay
 from bench.observe import billable_actions
 from bench.plan import Credentials, Kind, build_plan
 from bench.rawhttp import Connection, build_request
@@ -67,6 +68,7 @@ class _FakeApi:
         self.seen: dict[str, int] = {}
         self.answers = 0
         self.refuse_first: set[str] = set()  # keys answered 503 once
+        self.retry_after = b"0"  # the 503's Retry-After
         self.conflict_first: dict[str, str] = {}  # keys answered 409 of this type once
         self.connected_at: list[float] = []
         self.requests_at: list[float] = []
@@ -85,8 +87,9 @@ class _FakeApi:
                 if key in self.refuse_first:
                     self.refuse_first.discard(key)
                     writer.write(
-                        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 0\r\n"
-                        b"Content-Length: 2\r\n\r\n{}"
+                        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: "
+                        + self.retry_after
+                        + b"\r\nContent-Length: 2\r\n\r\n{}"
                     )
                     await writer.drain()
                     continue
@@ -254,6 +257,27 @@ async def test_generator_retries_a_refused_request_with_the_same_key(
     result = await _drive(plan, [Credentials("c1", "k1")], "127.0.0.1", port, 2, [0] * SLOTS, 0)
     statuses = sorted((r.key_index, r.attempt, r.status) for r in result.records)
     assert statuses == [(0, 1, 503), (0, 2, 201), (1, 1, 201), (2, 1, 201), (3, 1, 201)]
+
+
+async def test_generator_resends_no_sooner_than_retry_after(
+    fake_api: tuple[_FakeApi, int],
+) -> None:
+    api, port = fake_api
+    plan = build_plan(1, duplicate_share=0.0, clients=1)
+    api.refuse_first = {plan.keys[0].key}
+    api.retry_after = b"1"
+    result = await _drive(plan, [Credentials("c1", "k1")], "127.0.0.1", port, 1, [0] * SLOTS, 0)
+    refused, resent = sorted(result.records, key=lambda r: r.attempt)
+    assert (refused.status, resent.status) == (503, 201)
+    assert api.requests_at[1] - api.requests_at[0] >= 1.0
+
+
+def test_a_retry_waits_its_retry_after_and_up_to_a_second_more_at_random() -> None:
+    rng = random.Random(7)
+    delays = [retry_delay(3.0, rng) for _ in range(1000)]
+    assert all(3.0 <= d < 3.0 + RETRY_JITTER_SECONDS for d in delays)
+    # Spread over the whole second, not bunched: every tenth of it is used.
+    assert {int((d - 3.0) * 10) for d in delays} == set(range(10))
 
 
 def test_billable_actions_count_attempts_and_one_per_local_activity_task() -> None:
