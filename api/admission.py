@@ -18,13 +18,8 @@ with a 503 or a 429 is not: its retry is a new payment's work and waits its turn
 A repeat of a request still parked here is answered 409
 ``idempotency-request-in-progress`` (queued) at once, as a repeat of one queued at the
 backlog gate is: nothing has started for it, and letting the repeat in first would
-start the payment out of turn.
-
-Every request with an API key and an Idempotency-Key is authenticated and counted
-against its client's rate limit here, on arrival, once (the route reuses the result):
-a 401 or a 429 is answered at once, without a place in the line or the framework's
-path. In the storm, 429s were a fifth of all requests and came in herds of thousands
-a second; each had waited its turn in the line before being refused.
+start the payment out of turn. It is authenticated and counted against its client's
+rate limit like any other request.
 """
 
 from __future__ import annotations
@@ -35,7 +30,7 @@ from collections import Counter, deque
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.dependencies import CHECKED_CLIENT, client_within_limit
+from api.dependencies import client_within_limit
 from api.problems import Problem, idempotency_request_in_progress, problem_response
 
 PAYMENTS_PATH = "/v1/payments"
@@ -151,20 +146,8 @@ class AdmissionMiddleware:
             await self.gate.wait_turn()
             await self.app(scope, receive, send)
             return
-        try:
-            # From the authenticator's cache, or the one lookup a key's requests share.
-            client, headers = await client_within_limit(
-                scope["app"].state, ids[0].decode("latin-1")
-            )
-        except Problem as refused:
-            await problem_response(refused, scope["path"])(scope, receive, send)
-            return
-        scope.setdefault("state", {})[CHECKED_CLIENT] = (client, headers)
         if (answer_by := self.gate.parked.get(ids)) is not None:
-            loop = asyncio.get_running_loop()
-            problem = idempotency_request_in_progress(max(1, math.ceil(answer_by - loop.time())))
-            problem.headers.update(headers)
-            await problem_response(problem, scope["path"])(scope, receive, send)
+            await self._answer_in_progress(scope, receive, send, ids, answer_by)
             return
         if not self.gate.knows(ids):
             loop = asyncio.get_running_loop()
@@ -196,3 +179,16 @@ class AdmissionMiddleware:
             gate.inside[ids] -= 1
             if gate.inside[ids] <= 0:
                 del gate.inside[ids]
+
+    async def _answer_in_progress(
+        self, scope: Scope, receive: Receive, send: Send, ids: tuple[bytes, bytes], answer_by: float
+    ) -> None:
+        try:
+            # From the authenticator's cache, or the one lookup a key's requests share.
+            _, headers = await client_within_limit(scope["app"].state, ids[0].decode("latin-1"))
+            loop = asyncio.get_running_loop()
+            problem = idempotency_request_in_progress(max(1, math.ceil(answer_by - loop.time())))
+            problem.headers.update(headers)
+        except Problem as refused:
+            problem = refused
+        await problem_response(problem, scope["path"])(scope, receive, send)
