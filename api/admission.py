@@ -20,14 +20,6 @@ A repeat of a request still parked here is answered 409
 backlog gate is: nothing has started for it, and letting the repeat in first would
 start the payment out of turn. It is authenticated and counted against its client's
 rate limit like any other request.
-
-A repeat that skips the line is authenticated and counted against its client's rate
-limit here too, once (the route reuses the result), so a repeat over its client's
-rate is refused 429 without the framework's path: in the storm such refusals came in
-herds of up to 2,000 a second, and the repeats among them waited behind each one. A
-new payment is still checked only once its turn comes: refused on arrival, the
-generator's 1,000 connections churned through 5,000 429s in the storm's first two
-seconds and their retries came back as one herd (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -38,7 +30,7 @@ from collections import Counter, deque
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.dependencies import CHECKED_CLIENT, client_within_limit
+from api.dependencies import client_within_limit
 from api.problems import Problem, idempotency_request_in_progress, problem_response
 
 PAYMENTS_PATH = "/v1/payments"
@@ -157,15 +149,7 @@ class AdmissionMiddleware:
         if (answer_by := self.gate.parked.get(ids)) is not None:
             await self._answer_in_progress(scope, receive, send, ids, answer_by)
             return
-        if self.gate.knows(ids):
-            try:
-                # From the authenticator's cache, or the one lookup a key's requests share.
-                checked = await client_within_limit(scope["app"].state, ids[0].decode("latin-1"))
-            except Problem as refused:
-                await problem_response(refused, scope["path"])(scope, receive, send)
-                return
-            scope.setdefault("state", {})[CHECKED_CLIENT] = checked
-        else:
+        if not self.gate.knows(ids):
             loop = asyncio.get_running_loop()
             parked_at = loop.time()
             self.gate.parked[ids] = parked_at + self.wait_seconds

@@ -39,11 +39,6 @@ async def _payment_service(request: Request) -> PaymentService:
     return service
 
 
-# Where the admission gate leaves the client it already checked (the request's state),
-# so the route neither authenticates again nor takes a second token.
-CHECKED_CLIENT = "client_within_limit"
-
-
 async def client_within_limit(
     state: State, authorization: str | None
 ) -> tuple[ClientIdentity, dict[str, str]]:
@@ -66,12 +61,9 @@ async def _current_client(
     response: Response,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
 ) -> ClientIdentity:
-    checked: tuple[ClientIdentity, dict[str, str]] | None = request.scope.get("state", {}).get(
-        CHECKED_CLIENT
+    client, headers = await client_within_limit(
+        request.app.state, request.headers.get("authorization")
     )
-    if checked is None:
-        checked = await client_within_limit(request.app.state, request.headers.get("authorization"))
-    client, headers = checked
     response.headers.update(headers)
     return client
 

@@ -189,36 +189,6 @@ async def test_a_repeat_of_a_payment_this_process_answered_skips_the_line(
     assert repeat.json() == known.json()
 
 
-async def test_a_repeat_that_skips_the_line_is_counted_against_its_rate_limit_once(
-    database_url: str,
-    new_client: Callable[..., Any],
-    sessions: async_sessionmaker[AsyncSession],
-) -> None:
-    client = await new_client()
-    key = str(uuid.uuid4())
-    await store_payment(sessions, client.client_id, key=key)
-    headers = {**bearer(client.api_key), "Idempotency-Key": key}
-    app = create_app(
-        api_settings(database_url, api_rate_limit_burst=3, api_rate_limit_per_second=0.01)
-    )
-    async with running_api(app) as api:
-        gate: AdmissionGate = app.state.admission
-        answers = [await api.post("/v1/payments", json=VISA, headers=headers) for _ in range(4)]
-        # The first waited its turn (checked by the route), the rest skipped the line
-        # (checked by the gate); one token each, whoever checked.
-        assert gate.knows((f"Bearer {client.api_key}".encode(), key.encode()))
-    assert [answer.status_code for answer in answers] == [201, 201, 201, 429]
-    assert [answer.headers["RateLimit"] for answer in answers[:3]] == [
-        '"default";r=2;t=100',
-        '"default";r=1;t=200',
-        '"default";r=0;t=300',
-    ]
-    refused = answers[3]
-    assert refused.headers["content-type"] == "application/problem+json"
-    assert refused.json()["type"] == TYPES + "rate-limited"
-    assert int(refused.headers["Retry-After"]) >= 1
-
-
 @pytest.mark.parametrize(
     ("waited", "wait", "left"),
     [
