@@ -77,9 +77,10 @@ class Settings(BaseSettings):
     # below the API, so clients' requests do not wait behind them for a CPU (in
     # Kubernetes the API's own CPU requests do this). Measured in the storm
     # (docs/scaling.md, "The priority round"): nice 10 took the repeats' p99 from
-    # 0.48-0.54 s to 0.16-0.18 s at the same payments/s, the worker keeping pace
-    # (workflows closed 0.5 s after the last ledger row, RSS 192 MB). Before the
-    # backlog gate, the same setting let the worker fall behind; 0 turns it off.
+    # 0.48-0.54 s to 0.16-0.24 s at the same payments/s, the worker keeping pace
+    # (workflows closed 0.5-4.7 s after the last ledger row, RSS 185-196 MB). Before
+    # the backlog gate, the same setting let the worker fall behind; 0 turns it off.
+    # (The test suite's stacks, devstack.stack.StackConfig, run everything at 0.)
     background_nice: int = Field(default=10, ge=0, le=19)
     # The SDK core's coded warnings (a workflow task over 5 s) written per second and
     # worker process; the rest are counted on a sdk.warnings_suppressed line.
