@@ -7,6 +7,7 @@ prove the 503 it causes.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -18,6 +19,7 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from admin.clients import CreatedClient, add_client
+from api.admission import AdmissionGate
 from api.app import create_app
 from config.settings import Settings
 from devstack.ports import free_port
@@ -109,3 +111,20 @@ async def store_payment(
 
 def bearer(api_key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"}
+
+
+@asynccontextmanager
+async def held_line(gate: AdmissionGate) -> AsyncIterator[asyncio.Event]:
+    """The gate's line, stopped until the event is set: every new request waits in it."""
+    opened = asyncio.Event()
+
+    async def wait_for_the_line_to_open() -> None:
+        await opened.wait()
+
+    original = gate.wait_turn
+    gate.wait_turn = wait_for_the_line_to_open  # type: ignore[method-assign]
+    try:
+        yield opened
+    finally:
+        opened.set()
+        gate.wait_turn = original  # type: ignore[method-assign]

@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -16,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.admission import AdmissionGate, payment_request_ids, wait_after_line
 from api.app import create_app
-from tests.api.conftest import api_settings, bearer, running_api, store_payment
+from tests.api.conftest import api_settings, bearer, held_line, running_api, store_payment
 
 TYPES = "https://payments.example.com/problems/"
 VISA = {"amount": 1250, "currency": "EUR", "payment_method": "pm_card_visa"}
@@ -65,23 +64,6 @@ def test_the_gate_forgets_its_oldest_keys_first() -> None:
     for ids in keys:
         gate.remember(ids)
     assert [gate.knows(ids) for ids in keys] == [False, True, True]
-
-
-@asynccontextmanager
-async def held_line(gate: AdmissionGate) -> AsyncIterator[asyncio.Event]:
-    """The gate's line, stopped until the event is set: every new request waits in it."""
-    opened = asyncio.Event()
-
-    async def wait_for_the_line_to_open() -> None:
-        await opened.wait()
-
-    original = gate.wait_turn
-    gate.wait_turn = wait_for_the_line_to_open  # type: ignore[method-assign]
-    try:
-        yield opened
-    finally:
-        opened.set()
-        gate.wait_turn = original  # type: ignore[method-assign]
 
 
 async def until(condition: Callable[[], bool]) -> None:

@@ -14,10 +14,18 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from api.app import create_app
 from api.backlog import BacklogFull, BacklogGate
 from domain.payments import PaymentStatus, RecordOutcomeInput
 from ledger.repositories import PaymentRepository
-from tests.api.conftest import ApiFactory, bearer, store_payment
+from tests.api.conftest import (
+    ApiFactory,
+    api_settings,
+    bearer,
+    held_line,
+    running_api,
+    store_payment,
+)
 
 TYPES = "https://payments.example.com/problems/"
 VISA = {"amount": 1250, "currency": "EUR", "payment_method": "pm_card_visa"}
@@ -279,3 +287,40 @@ async def test_a_row_opened_elsewhere_while_queued_is_answered_instead_of_a_503(
     assert answer.json()["id"] == opened_id
     assert answer.json()["status"] == "processing"
     assert answer.headers["Idempotent-Replayed"] == "true"
+
+
+async def test_requests_refused_together_leave_through_a_line_and_repeats_go_first(
+    database_url: str,
+    sessions: async_sessionmaker[AsyncSession],
+    new_client: Callable[..., Any],
+) -> None:
+    """Requests that queued for room together run out of wait together; their 503s wait
+    for their turn in a line of their own, and a repeat sent meanwhile is answered."""
+    client = await new_client()
+    in_flight_key = "in-flight"
+    in_flight = await store_payment(
+        sessions, client.client_id, status=PaymentStatus.PROCESSING, key=in_flight_key
+    )
+    limit = await _processing(sessions)
+    auth = bearer(client.api_key)
+    app = create_app(
+        api_settings(database_url, api_max_processing_payments=limit, api_wait_seconds=1)
+    )
+    async with running_api(app) as api, held_line(app.state.refusals) as line:
+        refused = [
+            await _queued_for_room(api, {**auth, "Idempotency-Key": str(uuid.uuid4())})
+            for _ in range(2)
+        ]
+        await asyncio.sleep(1.5)  # both waits have run out
+
+        repeat = await api.post(
+            "/v1/payments", json=VISA, headers={**auth, "Idempotency-Key": in_flight_key}
+        )
+
+        assert repeat.status_code == 202, repeat.text
+        assert repeat.json()["id"] == in_flight
+        assert not any(request.done() for request in refused)  # still in their line
+        line.set()
+        answers = await asyncio.gather(*refused)
+    assert [answer.status_code for answer in answers] == [503, 503]
+    assert {answer.json()["type"] for answer in answers} == {TYPES + "payments-backlog-full"}
