@@ -8,6 +8,9 @@ in-process cache keeps the hot path off the database: a revoked key is refused b
 every API process within ``cache_seconds`` (PAYMENTS_API_KEY_CACHE_SECONDS).
 Requests that miss the cache together share one lookup: at the start of a storm
 1,000 requests with the same key were 1,000 queries waiting for the connection pool.
+An entry is looked up again in the background once half its time has passed, and
+served meanwhile, so a busy client's requests never all wait on the database at once
+when it expires; a key revoked meanwhile is still refused within ``cache_seconds``.
 The key is never logged, nor is its hash.
 """
 
@@ -40,7 +43,8 @@ class ApiKeyAuthenticator:
         self._sessions = sessions
         self._cache_seconds = cache_seconds
         self._clock = clock
-        self._cache: dict[str, tuple[float, ClientIdentity]] = {}
+        # key hash -> (expires at, refresh from, identity)
+        self._cache: dict[str, tuple[float, float, ClientIdentity]] = {}
         self._lookups: dict[str, asyncio.Future[ClientIdentity | None]] = {}
 
     async def authenticate(self, authorization: str | None) -> ClientIdentity:
@@ -56,17 +60,24 @@ class ApiKeyAuthenticator:
         now = self._clock()
         cached = self._cache.get(key_hash)
         if cached is not None and cached[0] > now:
-            return cached[1]
+            _, refresh_from, identity = cached
+            if refresh_from <= now and key_hash not in self._lookups:
+                self._start_lookup(key_hash, now)  # not awaited: the entry still stands
+            return identity
         lookup = self._lookups.get(key_hash)
         if lookup is None:
-            lookup = asyncio.ensure_future(self._lookup(key_hash, now))
-            self._lookups[key_hash] = lookup
-            lookup.add_done_callback(lambda done: self._lookup_finished(key_hash, done))
+            lookup = self._start_lookup(key_hash, now)
         # Shielded: one waiting request giving up must not cancel the others' lookup.
-        identity = await asyncio.shield(lookup)
-        if identity is None:
+        found = await asyncio.shield(lookup)
+        if found is None:
             raise unauthorized()
-        return identity
+        return found
+
+    def _start_lookup(self, key_hash: str, now: float) -> asyncio.Future[ClientIdentity | None]:
+        lookup = asyncio.ensure_future(self._lookup(key_hash, now))
+        self._lookups[key_hash] = lookup
+        lookup.add_done_callback(lambda done: self._lookup_finished(key_hash, done))
+        return lookup
 
     def _lookup_finished(self, key_hash: str, done: asyncio.Future[ClientIdentity | None]) -> None:
         self._lookups.pop(key_hash, None)
@@ -88,5 +99,9 @@ class ApiKeyAuthenticator:
             return None
         identity = ClientIdentity(client_id=record.client_id, name=record.client_name)
         if self._cache_seconds > 0:
-            self._cache[key_hash] = (now + self._cache_seconds, identity)
+            self._cache[key_hash] = (
+                now + self._cache_seconds,
+                now + self._cache_seconds / 2,
+                identity,
+            )
         return identity

@@ -95,6 +95,57 @@ async def test_a_cached_key_is_refused_once_the_cache_entry_expires(
     assert refused.value.status == 401
 
 
+async def test_a_key_in_use_is_looked_up_again_in_the_background_before_it_expires(
+    sessions: async_sessionmaker[AsyncSession],
+    new_client: Callable[..., Any],
+    database_url: str,
+) -> None:
+    """Past half its time an entry is refreshed while it is still served: no request
+    waits on the database when a busy client's entry would have expired."""
+    client = await new_client("refreshed")
+    now = [1000.0]
+    lookups_at: list[float] = []
+    database_answers = asyncio.Event()
+    database_answers.set()
+
+    class HeldSession:
+        async def __aenter__(self) -> AsyncSession:
+            lookups_at.append(now[0])
+            await database_answers.wait()
+            self.session = sessions()
+            return await self.session.__aenter__()
+
+        async def __aexit__(self, *exc: object) -> None:
+            await self.session.__aexit__(*exc)
+
+    authenticator = ApiKeyAuthenticator(cast(Any, HeldSession), 5.0, clock=lambda: now[0])
+    header = f"Bearer {client.api_key}"
+    assert (await authenticator.authenticate(header)).client_id == client.client_id
+    now[0] += 2.0
+    await authenticator.authenticate(header)
+    assert lookups_at == [1000.0], "fresh: served from the cache alone"
+
+    database_answers.clear()  # the refresh's query will hang until the test lets it go
+    now[0] += 1.0
+    identity = await asyncio.wait_for(authenticator.authenticate(header), timeout=2)
+    assert identity.client_id == client.client_id, "answered without waiting on the query"
+    assert lookups_at == [1000.0, 1003.0]
+
+    await revoke_key_async(database_url, api_key=client.api_key)
+    database_answers.set()
+    now[0] += 1.0  # before the first entry's expiry, at 1005
+    refused: Problem | None = None
+    for _ in range(200):
+        try:
+            await authenticator.authenticate(header)
+        except Problem as problem:
+            refused = problem
+            break
+        await asyncio.sleep(0.01)
+    assert refused is not None, "the refresh found the key revoked, and it was still accepted"
+    assert refused.status == 401
+
+
 async def test_requests_missing_the_cache_together_share_one_lookup(
     sessions: async_sessionmaker[AsyncSession],
     new_client: Callable[..., Any],
