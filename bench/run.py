@@ -730,8 +730,9 @@ def summarise(report: dict[str, Any]) -> tuple[str, str]:
         ("generator CPU", f"{storm['generator']['cpu_seconds']} s "
          f"({storm['generator']['cpu_ms_per_request']} ms/request)"),
         ("generator's own loop lag (ms)", lag_line(storm["generator"].get("loop_lag_ms"))),
-        ("connections opened before the storm",
-         f"{storm['generator'].get('connections')} in {storm['generator'].get('connect_ms')} ms"),
+        ("connections opened and used once before the storm",
+         f"{storm['generator'].get('connections')} in {storm['generator'].get('connect_ms')} ms"
+         " (GET /healthz each)"),
         ("API event loop lag (0.25 s timer)", _histogram_line(storm.get("api_event_loop_lag"))),
         ("API garbage collections", _histogram_line(storm.get("api_gc_pauses"))),
         ("unloaded payment (ms)", json.dumps(unl.get("first_ms"))),

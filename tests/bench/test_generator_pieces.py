@@ -72,12 +72,18 @@ class _FakeApi:
         self.conflict_first: dict[str, str] = {}  # keys answered 409 of this type once
         self.connected_at: list[float] = []
         self.requests_at: list[float] = []
+        self.warmed_at: list[float] = []  # GET /healthz
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connected_at.append(time.perf_counter())
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"GET /healthz "):
+                    self.warmed_at.append(time.perf_counter())
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                    await writer.drain()
+                    continue
                 self.requests_at.append(time.perf_counter())
                 headers = dict(
                     line.split(": ", 1) for line in head.decode().split("\r\n")[1:] if ": " in line
@@ -154,7 +160,7 @@ async def test_raw_client_reads_answers_and_reconnects(fake_api: tuple[_FakeApi,
         await conn.close()
 
 
-async def test_every_connection_is_open_before_the_first_request_is_sent(
+async def test_every_connection_is_open_and_used_once_before_the_first_request_is_sent(
     fake_api: tuple[_FakeApi, int],
 ) -> None:
     api, port = fake_api
@@ -162,9 +168,12 @@ async def test_every_connection_is_open_before_the_first_request_is_sent(
     result = await _drive(plan, [Credentials("c1", "k1")], "127.0.0.1", port, 16, [0] * SLOTS, 0)
     assert result.connections == 16
     # The 16 connections (the server closes one every third answer: later ones are
-    # reconnections) were all open before the first request arrived.
+    # reconnections) were all open, and each had been answered, before the first
+    # payment request arrived.
     assert len(api.connected_at) > 16
     assert max(api.connected_at[:16]) < min(api.requests_at)
+    assert len(api.warmed_at) == 16
+    assert max(api.warmed_at) < min(api.requests_at)
     assert len(result.records) == 40
     assert {r.status for r in result.records} == {201}
 
