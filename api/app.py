@@ -77,10 +77,10 @@ def create_app(settings: Settings | None = None, *, tune_gc: bool = False) -> Fa
         READ_POOL_IN_USE.set_function(lambda: lookups.load()[0])
         READ_POOL_WAITING.set_function(lambda: lookups.load()[1])
         start_slots = StartSlots(settings.api_max_concurrent_starts)
-        # Requests refused for want of room leave through a line of their own, as many
-        # per turn as new payments come in (PaymentService says why).
-        refusals = AdmissionGate(settings.api_admissions_per_turn, remembered_keys=0)
-        app.state.refusals = refusals
+        # Requests whose wait ran out leave through a line of their own, as many per
+        # turn as new payments come in (PaymentService says why).
+        expired_waits = AdmissionGate(settings.api_admissions_per_turn, remembered_keys=0)
+        app.state.expired_waits = expired_waits
         app.state.start_slots = start_slots
         app.state.payments = PaymentService(
             sessions,
@@ -92,7 +92,7 @@ def create_app(settings: Settings | None = None, *, tune_gc: bool = False) -> Fa
             lookups=lookups,
             ledger=PooledPaymentLedger(lookups.pool),
             start_slots=start_slots,
-            refusals=refusals,
+            expired_waits=expired_waits,
         )
         STARTS_IN_FLIGHT.set_function(lambda: app.state.payments.starts_in_flight)
         app.state.rate_limiter = RateLimiter(

@@ -169,10 +169,11 @@ class PaymentService:
         lookups: PaymentReads | None = None,
         ledger: PooledPaymentLedger | None = None,
         start_slots: StartSlots | None = None,
-        refusals: TurnLine | None = None,
+        expired_waits: TurnLine | None = None,
     ) -> None:
-        """``refusals``: the line a request whose wait for room ran out goes through
-        before it reads the ledger again and is answered 503."""
+        """``expired_waits``: the line a request whose wait ran out (for room, or for
+        its payment's outcome) goes through before it reads the ledger again and is
+        answered, 503 or 202."""
         self._sessions = sessions
         self._reads = reads or sessions
         # The idempotency path's reads by key and by id (ledger/reads.py says why
@@ -182,7 +183,7 @@ class PaymentService:
         self._ledger = ledger
         self._backlog = backlog or BacklogGate(_no_count, 0)
         self._start_slots = start_slots or StartSlots(0)
-        self._refusals = refusals or _NoLine()
+        self._expired_waits = expired_waits or _NoLine()
         self._temporal = temporal
         self._task_queue = task_queue
         self._outcomes = outcomes
@@ -324,7 +325,7 @@ class PaymentService:
             # some 300 in one turn of the loop, each a ledger read and an answer, and
             # every request behind them, repeats included, waited 150-190 ms. Taken a
             # few per turn, a repeat arriving among them waits for a short turn only.
-            await self._refusals.wait_turn()
+            await self._expired_waits.wait_turn()
             # Another request with this key may have got in meanwhile.
             stored = await self._stored(client_id, key)
             if stored is None:
@@ -466,9 +467,13 @@ class PaymentService:
                 return await self._answer_without_outcome(client_id, key, request, request_id)
             if self._outcomes is None or not self._outcomes.connected.is_set():
                 remaining = min(remaining, LEDGER_POLL_SECONDS)
-            with contextlib.suppress(TimeoutError):
+            try:
                 async with asyncio.timeout(remaining):
                     await changes.changed.wait()
+            except TimeoutError:
+                # As the refused above: first requests admitted together run out of
+                # wait together (100 answered 202 in one turn, 5 s into the storm).
+                await self._expired_waits.wait_turn()
             changes.changed.clear()
             current = await self._stored(client_id, key)
 

@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     # more new payments (docs/scaling.md): a choice for a deployment, not a default.
     api_max_concurrent_starts: int = Field(default=0, ge=0)
     # New payment requests let into the app per turn of the API's event loop, and as many
-    # requests refused for want of room let out; repeats of keys the process has seen
+    # requests whose wait ran out let out; repeats of keys the process has seen
     # skip the line (api/admission.py). 0 lets all in (and out) at once.
     api_admissions_per_turn: int = Field(default=1, ge=0)
     # Keys each API process remembers to recognise a repeat before reading anything.

@@ -306,7 +306,7 @@ async def test_requests_refused_together_leave_through_a_line_and_repeats_go_fir
     app = create_app(
         api_settings(database_url, api_max_processing_payments=limit, api_wait_seconds=1)
     )
-    async with running_api(app) as api, held_line(app.state.refusals) as line:
+    async with running_api(app) as api, held_line(app.state.expired_waits) as line:
         refused = [
             await _queued_for_room(api, {**auth, "Idempotency-Key": str(uuid.uuid4())})
             for _ in range(2)
@@ -324,3 +324,43 @@ async def test_requests_refused_together_leave_through_a_line_and_repeats_go_fir
         answers = await asyncio.gather(*refused)
     assert [answer.status_code for answer in answers] == [503, 503]
     assert {answer.json()["type"] for answer in answers} == {TYPES + "payments-backlog-full"}
+
+
+async def test_a_request_whose_wait_for_the_outcome_ran_out_takes_its_turn_to_answer(
+    database_url: str,
+    sessions: async_sessionmaker[AsyncSession],
+    new_client: Callable[..., Any],
+) -> None:
+    """First requests admitted together run out of wait together too: their 202s take
+    their turn in the same line, and a repeat sent meanwhile is answered at once."""
+    client = await new_client()
+    auth = bearer(client.api_key)
+    waiting = await store_payment(
+        sessions, client.client_id, status=PaymentStatus.PROCESSING, key="waits"
+    )
+    other = await store_payment(
+        sessions, client.client_id, status=PaymentStatus.PROCESSING, key="other"
+    )
+    app = create_app(api_settings(database_url, api_wait_seconds=5))
+    async with running_api(app) as api, held_line(app.state.expired_waits) as line:
+        waits = asyncio.create_task(
+            api.post(
+                "/v1/payments",
+                json=VISA,
+                headers={**auth, "Idempotency-Key": "waits", "Prefer": "wait=1"},
+            )
+        )
+        await asyncio.sleep(1.5)  # its wait has run out
+
+        repeat = await api.post(
+            "/v1/payments", json=VISA, headers={**auth, "Idempotency-Key": "other"}
+        )
+
+        assert repeat.status_code == 202, repeat.text
+        assert repeat.json()["id"] == other
+        assert not waits.done()  # in the line
+        line.set()
+        answer = await waits
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["id"] == waiting
+    assert answer.json()["status"] == "processing"
