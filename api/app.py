@@ -120,6 +120,10 @@ def create_app(settings: Settings | None = None, *, tune_gc: bool = False) -> Fa
             "request with the same Idempotency-Key never charges twice."
         ),
         lifespan=lifespan,
+        # FastAPI's native OpenTelemetry, off: nothing here configures a provider (the
+        # metrics are Prometheus', on /metrics), and asking per request whether one is
+        # reads the environment, 3.6 us a request against 0.1 us when off.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_problem_handlers(app)
     install_openapi(app)
