@@ -19,9 +19,10 @@ from collections.abc import AsyncIterator
 
 from starlette.types import Receive, Scope, Send
 
-from bench.rawhttp import Connection, HttpError, build_request
+from bench.rawhttp import Connection, build_request
 from bench.report import percentile
 from devstack.ports import free_port
+from devstack.processes import ManagedProcess
 
 STARTUP_SECONDS = 30.0
 
@@ -39,32 +40,27 @@ async def answer_ok(scope: Scope, receive: Receive, send: Send) -> None:
 async def serving() -> AsyncIterator[int]:
     """uvicorn serving ``answer_ok`` on a free port, stopped on the way out."""
     port = free_port()
-    server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "uvicorn", "bench.floor:answer_ok", "--port", str(port),
-        "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning",
+    server = ManagedProcess(
+        "floor",
+        [sys.executable, "-m", "uvicorn", "bench.floor:answer_ok", "--port", str(port),
+         "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+         "--log-level", "warning"],
     )  # fmt: skip
+    request = build_request("GET", f"127.0.0.1:{port}", "/", {})
+
+    async def answers() -> bool:
+        probe = Connection("127.0.0.1", port)
+        try:
+            return (await probe.request(request)).status == 200
+        finally:
+            await probe.close()
+
+    server.start()
     try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            probe = Connection("127.0.0.1", port)
-            try:
-                await probe.request(build_request("GET", f"127.0.0.1:{port}", "/", {}))
-                break
-            except HttpError:
-                if server.returncode is not None or time.monotonic() > deadline:
-                    raise RuntimeError("uvicorn did not start") from None
-                await asyncio.sleep(0.1)
-            finally:
-                await probe.close()
+        await server.wait_ready(answers, within=STARTUP_SECONDS, what="answering GET /")
         yield port
     finally:
-        if server.returncode is None:
-            server.terminate()
-            try:
-                await asyncio.wait_for(server.wait(), timeout=10)
-            except TimeoutError:
-                server.kill()
-                await server.wait()
+        await server.terminate(grace=10)
 
 
 async def herd_latencies(port: int, connections: int) -> list[float]:
