@@ -38,7 +38,7 @@ from config.temporal import connect_temporal
 from ledger.db import autocommit_session_factory, create_engine, session_factory
 from ledger.outcomes import OutcomeListener
 from ledger.payment_sql import PooledPaymentLedger
-from ledger.reads import PooledPaymentReads
+from ledger.reads import PooledApiKeyReads, PooledPaymentReads
 
 log = structlog.get_logger("api")
 
@@ -63,13 +63,15 @@ def create_app(settings: Settings | None = None, *, tune_gc: bool = False) -> Fa
         # Lazy: the API starts (and answers 503) even while Temporal is down.
         temporal = await connect_temporal(settings, lazy=True)
         app.state.settings = settings
-        app.state.authenticator = ApiKeyAuthenticator(reads, settings.api_key_cache_seconds)
         lookups = PooledPaymentReads.create(
             settings.database_url,
             size=settings.database_read_pool_size,
             timeout=settings.database_pool_timeout_seconds,
         )
         await lookups.open()
+        app.state.authenticator = ApiKeyAuthenticator(
+            PooledApiKeyReads(lookups.pool), settings.api_key_cache_seconds
+        )
         outcomes = OutcomeListener(settings.database_url)
         await outcomes.start()
         backlog = BacklogGate(processing_counter(reads), settings.api_max_processing_payments)

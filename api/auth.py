@@ -6,6 +6,7 @@ so the database index never sees the key itself; the stored hash is then compare
 in constant time. Missing, unknown and revoked keys get the same 401. A short
 in-process cache keeps the hot path off the database: a revoked key is refused by
 every API process within ``cache_seconds`` (PAYMENTS_API_KEY_CACHE_SECONDS).
+A lookup is one statement on the API's read pool (``ledger.reads.PooledApiKeyReads``).
 Requests that miss the cache together share one lookup: at the start of a storm
 1,000 requests with the same key were 1,000 queries waiting for the connection pool.
 An entry is looked up again in the background once half its time has passed, and
@@ -22,11 +23,11 @@ import time
 from collections.abc import Callable
 
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from admin.credentials import API_KEY_PREFIX, hash_api_key
 from api.problems import database_unavailable, unauthorized
-from ledger.repositories import ClientIdentity, ClientRepository
+from ledger.reads import DATABASE_ERRORS, ApiKeyReads
+from ledger.repositories import ClientIdentity
 
 # Longer than any key we issue; anything longer is refused without hashing it.
 MAX_KEY_LENGTH = 200
@@ -35,12 +36,12 @@ MAX_KEY_LENGTH = 200
 class ApiKeyAuthenticator:
     def __init__(
         self,
-        sessions: async_sessionmaker[AsyncSession],
+        keys: ApiKeyReads,
         cache_seconds: float,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._sessions = sessions
+        self._keys = keys
         self._cache_seconds = cache_seconds
         self._clock = clock
         # key hash -> (expires at, refresh from, identity)
@@ -86,9 +87,8 @@ class ApiKeyAuthenticator:
 
     async def _lookup(self, key_hash: str, now: float) -> ClientIdentity | None:
         try:
-            async with self._sessions() as session:
-                record = await ClientRepository(session).key_for_hash(key_hash)
-        except (OperationalError, DBAPIError) as exc:
+            record = await self._keys.key_for_hash(key_hash)
+        except (OperationalError, DBAPIError, *DATABASE_ERRORS) as exc:
             raise database_unavailable(exc) from exc
         if (
             record is None

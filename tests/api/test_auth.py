@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from admin.keys import create_key_async, revoke_key_async
 from api.auth import ApiKeyAuthenticator
 from api.problems import Problem
+from ledger.reads import SessionApiKeyReads
 from tests.api.conftest import ApiFactory, bearer, store_payment
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -82,7 +83,7 @@ async def test_a_cached_key_is_refused_once_the_cache_entry_expires(
 ) -> None:
     client = await new_client("cached")
     now = [1000.0]
-    authenticator = ApiKeyAuthenticator(sessions, 5.0, clock=lambda: now[0])
+    authenticator = ApiKeyAuthenticator(SessionApiKeyReads(sessions), 5.0, clock=lambda: now[0])
     header = f"Bearer {client.api_key}"
     assert (await authenticator.authenticate(header)).client_id == client.client_id
     await revoke_key_async(database_url, api_key=client.api_key)
@@ -118,7 +119,9 @@ async def test_a_key_in_use_is_looked_up_again_in_the_background_before_it_expir
         async def __aexit__(self, *exc: object) -> None:
             await self.session.__aexit__(*exc)
 
-    authenticator = ApiKeyAuthenticator(cast(Any, HeldSession), 5.0, clock=lambda: now[0])
+    authenticator = ApiKeyAuthenticator(
+        SessionApiKeyReads(cast(Any, HeldSession)), 5.0, clock=lambda: now[0]
+    )
     header = f"Bearer {client.api_key}"
     assert (await authenticator.authenticate(header)).client_id == client.client_id
     now[0] += 2.0
@@ -157,7 +160,7 @@ async def test_requests_missing_the_cache_together_share_one_lookup(
         opened.append(1)
         return sessions()
 
-    authenticator = ApiKeyAuthenticator(cast(Any, counting_sessions), 5.0)
+    authenticator = ApiKeyAuthenticator(SessionApiKeyReads(cast(Any, counting_sessions)), 5.0)
     identities = await asyncio.gather(
         *(authenticator.authenticate(f"Bearer {client.api_key}") for _ in range(200))
     )

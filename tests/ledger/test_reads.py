@@ -13,6 +13,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from admin.clients import add_client
+from admin.credentials import hash_api_key
+from admin.keys import create_key_async, revoke_key_async
 from domain.payments import (
     PaymentStatus,
 )
@@ -21,7 +23,13 @@ from domain.refunds import (
 )
 from ledger.db import autocommit_session_factory
 from ledger.mapping import StoredPayment
-from ledger.reads import DATABASE_ERRORS, PooledPaymentReads, SessionPaymentReads
+from ledger.reads import (
+    DATABASE_ERRORS,
+    PooledApiKeyReads,
+    PooledPaymentReads,
+    SessionApiKeyReads,
+    SessionPaymentReads,
+)
 from tests.helpers.ledger import payment_in_ledger, refund_in_ledger
 
 
@@ -81,6 +89,38 @@ async def test_pooled_reads_equal_the_repositories_for_every_kind_of_payment(
     assert await pooled.by_key(other.client_id, refunded.idempotency_key) is None
     assert await pooled.by_id(other.client_id, refunded.payment_id) is None
     assert await pooled.by_key(client.client_id, "no-such-key") is None
+
+
+async def test_pooled_key_reads_equal_the_repository_for_active_revoked_and_unknown_keys(
+    engine: AsyncEngine,
+    sessions: async_sessionmaker[AsyncSession],
+    pooled: PooledPaymentReads,
+) -> None:
+    """The authenticator's lookup on the read pool answers what ClientRepository does:
+    the client of an active key, the revocation of a revoked one, nothing for a hash no
+    key has."""
+    async with sessions() as session, session.begin():
+        client = await add_client(session, name="key-reads", webhook_url=None)
+    url = engine.url.render_as_string(hide_password=False)
+    _, second_key = await create_key_async(url, client.client_id)
+    await revoke_key_async(url, api_key=client.api_key)
+    keys = PooledApiKeyReads(pooled.pool)
+    orm = SessionApiKeyReads(autocommit_session_factory(engine))
+
+    active = await keys.key_for_hash(hash_api_key(second_key))
+    assert active is not None
+    assert active == await orm.key_for_hash(hash_api_key(second_key))
+    assert (active.client_id, active.client_name) == (client.client_id, "key-reads")
+    assert active.revoked_at is None
+
+    revoked = await keys.key_for_hash(hash_api_key(client.api_key))
+    assert revoked is not None
+    assert revoked == await orm.key_for_hash(hash_api_key(client.api_key))
+    assert revoked.revoked_at is not None
+    assert revoked.revoked_at.endswith("Z")
+
+    assert await keys.key_for_hash(hash_api_key("sk_no_such_key")) is None
+    assert await orm.key_for_hash(hash_api_key("sk_no_such_key")) is None
 
 
 async def test_reads_by_key_asked_at_once_share_one_statement_and_each_get_their_own(
