@@ -71,12 +71,16 @@ class BacklogGate:
         self._reading: asyncio.Task[None] | None = None
         self._admitted_not_open = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        # Waiters neither admitted nor gone. Counted, not walked: a waiter that leaves
+        # stays in the deque until it reaches the front, and when some 300 ran out of
+        # wait in one turn, each 503 walked the whole deque to say how many were left.
+        self._waiting = 0
         self._ticker: asyncio.Task[None] | None = None
         self._admissions: deque[float] = deque()
 
     @property
     def queued(self) -> int:
-        return sum(1 for waiter in self._waiters if not waiter.done())
+        return self._waiting
 
     @asynccontextmanager
     async def admission(
@@ -108,6 +112,7 @@ class BacklogGate:
                 task.cancel()
         for waiter in self._waiters:
             waiter.cancel()
+        self._waiting = 0
 
     def _room(self) -> int:
         return self._limit - self._processing - self._admitted_not_open
@@ -130,6 +135,7 @@ class BacklogGate:
     async def _queue(self, wait_seconds: float) -> None:
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        self._waiting += 1
         if self._ticker is None or self._ticker.done():
             self._ticker = asyncio.create_task(self._admit_waiters())
         try:
@@ -137,13 +143,20 @@ class BacklogGate:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self._admitted_not_open -= 1  # admitted, but the request went away
-            waiter.cancel()
+            else:
+                self._leave(waiter)
             raise
         if waiter.done():
             return  # _admit_waiters admitted it
-        waiter.cancel()
+        self._leave(waiter)
         queued = self.queued
         raise BacklogFull(self._retry_after(queued), queued)
+
+    def _leave(self, waiter: asyncio.Future[None]) -> None:
+        """A waiter gives up its place unadmitted."""
+        if not waiter.done():
+            self._waiting -= 1
+        waiter.cancel()
 
     def _retry_after(self, queued: int) -> int:
         """The time the queue in front would take at this process's recent admission
@@ -163,6 +176,7 @@ class BacklogGate:
                 if waiter.done():
                     continue  # gave up or went away
                 waiter.set_result(None)
+                self._waiting -= 1
                 self._admit()
                 room -= 1
             while self._waiters and self._waiters[0].done():

@@ -61,6 +61,7 @@ async def test_a_full_backlog_holds_a_new_payment_until_one_finishes() -> None:
     await task
     assert admitted.is_set()
     assert time.monotonic() - started < 1
+    assert gate.queued == 0, "admitted: no longer waiting"
     await gate.close()
 
 
@@ -128,11 +129,22 @@ async def test_no_room_within_the_wait_is_refused_with_retry_after_growing_with_
     assert behind.value.retry_after > alone.value.retry_after
     assert behind.value.retry_after >= 42  # 21 at 0.5/s
 
+    # Requests that go away leave the count at once, wherever they stood in the queue.
+    for task in queued[5:10]:
+        task.cancel()
+    await asyncio.gather(*queued[5:10], return_exceptions=True)
+    assert gate.queued == 15
+    with pytest.raises(BacklogFull) as fewer:
+        async with gate.admission(wait_seconds=0.1):
+            pytest.fail("admitted past the limit")
+    assert fewer.value.queued == 15
+
     release.set()
     await asyncio.gather(*holders)
     for task in queued:
         task.cancel()
     await asyncio.gather(*queued, return_exceptions=True)
+    assert gate.queued == 0
     await gate.close()
 
 
