@@ -66,6 +66,7 @@ def create_app(settings: Settings | None = None, *, tune_gc: bool = False) -> Fa
         lookups = PooledPaymentReads.create(
             settings.database_url,
             size=settings.database_read_pool_size,
+            min_size=settings.database_read_pool_min_size,
             timeout=settings.database_pool_timeout_seconds,
         )
         await lookups.open()

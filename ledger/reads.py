@@ -103,15 +103,22 @@ class PooledPaymentReads:
 
     @classmethod
     def create(
-        cls, database_url: str, *, size: int, timeout: float, batch_limit: int = BATCH_LIMIT
+        cls,
+        database_url: str,
+        *,
+        size: int,
+        timeout: float,
+        min_size: int = 1,
+        batch_limit: int = BATCH_LIMIT,
     ) -> PooledPaymentReads:
-        """Not connected yet: ``open`` in the app's lifespan. The pool grows to ``size``
-        on demand, so the API starts (and answers 503) while PostgreSQL is down."""
+        """Not connected yet: ``open`` in the app's lifespan, which opens ``min_size``
+        connections in the background and grows to ``size`` on demand, so the API
+        starts (and answers 503) while PostgreSQL is down."""
         pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
             libpq_url(database_url),
             connection_class=psycopg.AsyncConnection[Any],
             kwargs={"autocommit": True, "row_factory": namedtuple_row},
-            min_size=1,
+            min_size=min(min_size, size),
             max_size=size,
             timeout=timeout,
             name="api-reads",

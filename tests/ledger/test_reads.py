@@ -257,3 +257,19 @@ async def test_the_pool_says_how_many_reads_hold_a_connection_and_how_many_wait(
         assert pooled.load() == (3, 1)
     assert await waiting is None  # served once a connection came back
     assert pooled.load() == (0, 0)
+
+
+async def test_the_pool_opens_its_minimum_at_start_and_never_more_than_its_size(
+    engine: AsyncEngine,
+) -> None:
+    """The connections a storm's first lookups need are open before it starts."""
+    url = engine.url.render_as_string(hide_password=False)
+    for min_size, size, opened in [(3, 5, 3), (8, 2, 2)]:
+        reads = PooledPaymentReads.create(url, size=size, timeout=5, min_size=min_size)
+        await reads.open()
+        try:
+            await reads.pool.wait(timeout=10)  # every connection of the minimum is open
+            assert reads.pool.get_stats()["pool_size"] == opened
+            assert reads.load() == (0, 0)
+        finally:
+            await reads.close()
