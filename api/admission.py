@@ -30,6 +30,7 @@ from collections import Counter, deque
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.auth import ApiKeyAuthenticator
 from api.dependencies import client_within_limit
 from api.problems import Problem, idempotency_request_in_progress, problem_response
 
@@ -150,6 +151,9 @@ class AdmissionMiddleware:
             await self._answer_in_progress(scope, receive, send, ids, answer_by)
             return
         if not self.gate.knows(ids):
+            # Its key is looked up while it waits, not after: its repeats need it too.
+            authenticator: ApiKeyAuthenticator = scope["app"].state.authenticator
+            authenticator.prefetch(ids[0].decode("latin-1"))
             loop = asyncio.get_running_loop()
             parked_at = loop.time()
             self.gate.parked[ids] = parked_at + self.wait_seconds

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.admission import AdmissionGate, payment_request_ids, wait_after_line
 from api.app import create_app
+from ledger.reads import PooledApiKeyReads
 from tests.api.conftest import api_settings, bearer, held_line, running_api, store_payment
 
 TYPES = "https://payments.example.com/problems/"
@@ -114,6 +115,38 @@ async def test_a_repeat_of_a_request_waiting_for_its_turn_is_409_at_once(
         assert not gate.inside
         # A 503 leaves nothing to repeat: the retry is a new payment's work again.
         assert not gate.knows((f"Bearer {client.api_key}".encode(), key.encode()))
+
+
+async def test_the_key_of_a_request_waiting_for_its_turn_is_looked_up_while_it_waits(
+    database_url: str, new_client: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its repeats, answered at once, need the key too: the lookup starts when the request
+    parks, not when its turn comes."""
+    client = await new_client()
+    looked_up: list[str] = []
+    lookup = PooledApiKeyReads.key_for_hash
+
+    async def counted(self: PooledApiKeyReads, key_hash: str) -> Any:
+        looked_up.append(key_hash)
+        return await lookup(self, key_hash)
+
+    monkeypatch.setattr(PooledApiKeyReads, "key_for_hash", counted)
+    headers = {**bearer(client.api_key), "Idempotency-Key": str(uuid.uuid4())}
+    app = create_app(api_settings(database_url, api_wait_seconds=3))
+    async with running_api(app) as api:
+        gate: AdmissionGate = app.state.admission
+        async with held_line(gate) as line:
+            first = post(api, headers)
+            await until(lambda: len(gate.parked) == 1)
+            await until(lambda: len(looked_up) == 1)
+            assert not first.done()
+            repeat = await asyncio.wait_for(
+                api.post("/v1/payments", json=VISA, headers=headers), timeout=5
+            )
+            assert repeat.status_code == 409, repeat.text
+            line.set()
+            await first
+    assert len(looked_up) == 1, "one lookup served the request in line, its repeat and its turn"
 
 
 async def test_a_repeat_of_a_request_in_the_line_with_an_unknown_api_key_is_401(

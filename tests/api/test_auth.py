@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from admin.keys import create_key_async, revoke_key_async
-from api.auth import ApiKeyAuthenticator
+from api.auth import MAX_PREFETCHES, ApiKeyAuthenticator
 from api.problems import Problem
 from ledger.reads import SessionApiKeyReads
 from tests.api.conftest import ApiFactory, bearer, store_payment
@@ -173,6 +173,66 @@ async def test_requests_missing_the_cache_together_share_one_lookup(
     )
     assert all(isinstance(answer, Problem) and answer.status == 401 for answer in unknown)
     assert len(opened) == 2, "an unknown key is looked up once too, and refused for all"
+
+
+async def test_a_prefetched_key_is_looked_up_once_while_the_request_waits(
+    sessions: async_sessionmaker[AsyncSession],
+    new_client: Callable[..., Any],
+) -> None:
+    """A request waiting in the admission line has its key looked up meanwhile: once
+    let in it is served from the cache, and a malformed header starts nothing."""
+    client = await new_client("prefetched")
+    looked_up: list[str] = []
+
+    class CountingKeys(SessionApiKeyReads):
+        async def key_for_hash(self, key_hash: str) -> Any:
+            looked_up.append(key_hash)
+            return await super().key_for_hash(key_hash)
+
+    authenticator = ApiKeyAuthenticator(CountingKeys(sessions), 5.0)
+    header = f"Bearer {client.api_key}"
+    authenticator.prefetch(header)
+    authenticator.prefetch(header)  # already under way: not a second lookup
+    authenticator.prefetch("Basic dXNlcjpwYXNz")
+    authenticator.prefetch(None)
+    for _ in range(200):
+        if looked_up:
+            break
+        await asyncio.sleep(0.01)
+    identity = await authenticator.authenticate(header)
+    assert identity.client_id == client.client_id
+    assert len(looked_up) == 1, "the request let in found its key already looked up"
+    authenticator.prefetch(header)  # cached: nothing to do
+    await asyncio.sleep(0.05)
+    assert len(looked_up) == 1
+
+
+async def test_prefetches_at_once_are_bounded_so_made_up_keys_cannot_crowd_the_pool(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    started = 0
+    release = asyncio.Event()
+
+    class HeldKeys(SessionApiKeyReads):
+        async def key_for_hash(self, key_hash: str) -> Any:
+            nonlocal started
+            started += 1
+            await release.wait()
+            return await super().key_for_hash(key_hash)
+
+    authenticator = ApiKeyAuthenticator(HeldKeys(sessions), 5.0)
+    for n in range(3 * MAX_PREFETCHES):
+        authenticator.prefetch(f"Bearer sk_made_up_{n}")
+    await asyncio.sleep(0.05)
+    assert started == MAX_PREFETCHES
+    release.set()
+    await asyncio.sleep(0.05)
+    authenticator.prefetch("Bearer sk_made_up_after")  # room again once they ended
+    await asyncio.sleep(0.05)
+    assert started == MAX_PREFETCHES + 1
+    with pytest.raises(Problem) as refused:
+        await authenticator.authenticate("Bearer sk_made_up_0")
+    assert refused.value.status == 401, "an unknown key is still refused when let in"
 
 
 async def test_a_second_key_of_the_same_client_sees_the_same_payments(
