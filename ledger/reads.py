@@ -33,10 +33,10 @@ from psycopg_pool import AsyncConnectionPool
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from domain.payments import Payment, PaymentStatus
-from ledger.mapping import StoredPayment, isoformat_utc, payment_to_domain, refund_to_domain
+from ledger.mapping import StoredPayment, payment_to_domain, refund_to_domain
 from ledger.outcomes import libpq_url
 from ledger.payment_sql import payment_with_refunds
-from ledger.repositories import ApiKeyRecord, ClientRepository, PaymentRepository
+from ledger.repositories import ApiKeyRecord, ClientRepository, PaymentRepository, key_record
 
 # The columns ``Payment`` and ``StoredPayment`` need, and nothing else, for many keys
 # at once. The two ANY conditions let the unique index on (client_id, idempotency_key)
@@ -253,17 +253,7 @@ class PooledApiKeyReads:
         async with self._pool.connection() as conn:
             cursor = await conn.execute(_KEY_BY_HASH, (key_hash,), prepare=False)
             row = await cursor.fetchone()
-        if row is None:
-            return None
-        return ApiKeyRecord(
-            key_id=row.id,
-            client_id=row.client_id,
-            client_name=row.client_name,
-            key_hash=row.key_hash,
-            display_prefix=row.display_prefix,
-            created_at=isoformat_utc(row.created_at),
-            revoked_at=None if row.revoked_at is None else isoformat_utc(row.revoked_at),
-        )
+        return None if row is None else key_record(row, row.client_name)
 
 
 class SessionApiKeyReads:

@@ -75,7 +75,8 @@ class UnknownCursor(LookupError):
     """``starting_after`` names no payment of this client."""
 
 
-def _key_record(key: ApiKey, client_name: str) -> ApiKeyRecord:
+def key_record(key: ApiKey, client_name: str) -> ApiKeyRecord:
+    """A key's row (the ORM's, or a plain row with the same columns) as a record."""
     return ApiKeyRecord(
         key_id=key.id,
         client_id=key.client_id,
@@ -261,7 +262,7 @@ class ClientRepository:
                 .where(ApiKey.key_hash == key_hash)
             )
         ).first()
-        return None if row is None else _key_record(row[0], row[1])
+        return None if row is None else key_record(row[0], row[1])
 
     async def list_keys(self, client_id: str) -> list[ApiKeyRecord]:
         rows = (
@@ -272,7 +273,7 @@ class ClientRepository:
                 .order_by(ApiKey.created_at, ApiKey.id)
             )
         ).all()
-        return [_key_record(key, name) for key, name in rows]
+        return [key_record(key, name) for key, name in rows]
 
     async def revoke_key(self, key_id: str) -> ApiKeyRecord | None:
         """Mark the key revoked (once: a second call keeps the first time). None if unknown."""
@@ -289,7 +290,7 @@ class ClientRepository:
                 .execution_options(populate_existing=True)
             )
         ).first()
-        return None if row is None else _key_record(row[0], row[1])
+        return None if row is None else key_record(row[0], row[1])
 
     async def webhook_target(self, client_id: str) -> WebhookTarget | None:
         client = await self._session.get(ApiClient, client_id)
