@@ -71,7 +71,9 @@ def create_app(settings: Settings | None = None, *, tune_gc: bool = False) -> Fa
         )
         await lookups.open()
         app.state.authenticator = ApiKeyAuthenticator(
-            PooledApiKeyReads(lookups.pool), settings.api_key_cache_seconds
+            PooledApiKeyReads(lookups.pool),
+            settings.api_key_cache_seconds,
+            max_prefetches=settings.database_read_pool_min_size,
         )
         outcomes = OutcomeListener(settings.database_url)
         await outcomes.start()

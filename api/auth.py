@@ -31,8 +31,8 @@ from ledger.repositories import ClientIdentity
 
 # Longer than any key we issue; anything longer is refused without hashing it.
 MAX_KEY_LENGTH = 200
-# Lookups started ahead of a request's admission, at once: the read pool keeps 8
-# connections open (PAYMENTS_DATABASE_READ_POOL_MIN_SIZE).
+# Lookups started ahead of a request's admission, at once, by default; the app passes
+# the connections its read pool keeps open (PAYMENTS_DATABASE_READ_POOL_MIN_SIZE).
 MAX_PREFETCHES = 8
 
 
@@ -56,8 +56,10 @@ class ApiKeyAuthenticator:
         cache_seconds: float,
         *,
         clock: Callable[[], float] = time.monotonic,
+        max_prefetches: int = MAX_PREFETCHES,
     ) -> None:
         self._keys = keys
+        self._max_prefetches = max_prefetches
         self._cache_seconds = cache_seconds
         self._clock = clock
         # key hash -> (expires at, refresh from, identity)
@@ -90,13 +92,13 @@ class ApiKeyAuthenticator:
         that waits in the admission line before it is authenticated. At a storm's start
         a client's first lookup otherwise began only when its first repeat or admitted
         request came, up to 50 ms in, and its repeats' 409s waited for it. At most
-        ``MAX_PREFETCHES`` run at once, so made-up keys cannot crowd the read pool."""
+        ``max_prefetches`` run at once, so made-up keys cannot crowd the read pool."""
         key_hash = _key_hash(authorization)
         if key_hash is None or key_hash in self._lookups:
             return
         now = self._clock()
         cached = self._cache.get(key_hash)
-        if (cached is not None and cached[0] > now) or self._prefetching >= MAX_PREFETCHES:
+        if (cached is not None and cached[0] > now) or self._prefetching >= self._max_prefetches:
             return
         self._prefetching += 1
         self._start_lookup(key_hash, now).add_done_callback(self._prefetch_finished)

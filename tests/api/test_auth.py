@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from admin.keys import create_key_async, revoke_key_async
-from api.auth import MAX_PREFETCHES, ApiKeyAuthenticator
+from api.auth import ApiKeyAuthenticator
 from api.problems import Problem
 from ledger.reads import SessionApiKeyReads
 from tests.api.conftest import ApiFactory, bearer, store_payment
@@ -220,16 +220,16 @@ async def test_prefetches_at_once_are_bounded_so_made_up_keys_cannot_crowd_the_p
             await release.wait()
             return await super().key_for_hash(key_hash)
 
-    authenticator = ApiKeyAuthenticator(HeldKeys(sessions), 5.0)
-    for n in range(3 * MAX_PREFETCHES):
+    authenticator = ApiKeyAuthenticator(HeldKeys(sessions), 5.0, max_prefetches=3)
+    for n in range(10):
         authenticator.prefetch(f"Bearer sk_made_up_{n}")
     await asyncio.sleep(0.05)
-    assert started == MAX_PREFETCHES
+    assert started == 3
     release.set()
     await asyncio.sleep(0.05)
     authenticator.prefetch("Bearer sk_made_up_after")  # room again once they ended
     await asyncio.sleep(0.05)
-    assert started == MAX_PREFETCHES + 1
+    assert started == 4
     with pytest.raises(Problem) as refused:
         await authenticator.authenticate("Bearer sk_made_up_0")
     assert refused.value.status == 401, "an unknown key is still refused when let in"
