@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -79,6 +80,22 @@ def post(api: httpx.AsyncClient, headers: dict[str, str]) -> asyncio.Task[httpx.
     return asyncio.create_task(api.post("/v1/payments", json=VISA, headers=headers))
 
 
+@asynccontextmanager
+async def api_with_line_held(
+    database_url: str, **overrides: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, AdmissionGate, asyncio.Event]]:
+    """A running app whose admission line lets no one in until the event is set."""
+    app = create_app(api_settings(database_url, **overrides))
+    async with running_api(app) as api:
+        gate: AdmissionGate = app.state.admission
+        async with held_line(gate) as line:
+            yield api, gate, line
+
+
+async def repeat(api: httpx.AsyncClient, headers: dict[str, str]) -> httpx.Response:
+    return await asyncio.wait_for(api.post("/v1/payments", json=VISA, headers=headers), timeout=5)
+
+
 async def test_a_repeat_of_a_request_waiting_for_its_turn_is_409_at_once(
     database_url: str, new_client: Callable[..., Any]
 ) -> None:
@@ -86,30 +103,25 @@ async def test_a_repeat_of_a_request_waiting_for_its_turn_is_409_at_once(
     key = str(uuid.uuid4())
     headers = {**bearer(client.api_key), "Idempotency-Key": key}
     other = {**bearer(client.api_key), "Idempotency-Key": str(uuid.uuid4())}
-    app = create_app(api_settings(database_url, api_wait_seconds=3))
-    async with running_api(app) as api:
-        gate: AdmissionGate = app.state.admission
-        async with held_line(gate) as line:
-            first = post(api, headers)
-            another_payment = post(api, other)
-            await until(lambda: len(gate.parked) == 2)
+    async with api_with_line_held(database_url, api_wait_seconds=3) as (api, gate, line):
+        first = post(api, headers)
+        another_payment = post(api, other)
+        await until(lambda: len(gate.parked) == 2)
 
-            repeat = await asyncio.wait_for(
-                api.post("/v1/payments", json=VISA, headers=headers), timeout=5
-            )
+        repeated = await repeat(api, headers)
 
-            assert not first.done()
-            assert not another_payment.done()  # a new key waits its turn
-            assert repeat.status_code == 409, repeat.text
-            assert repeat.headers["content-type"] == "application/problem+json"
-            problem = repeat.json()
-            assert problem["type"] == TYPES + "idempotency-request-in-progress"
-            assert "queued" in problem["detail"]
-            assert 1 <= int(repeat.headers["Retry-After"]) <= 3
-            assert repeat.headers["RateLimit"].startswith('"')  # counted like any request
-            line.set()
-            # Its turn came: it goes on to Temporal, which this app cannot reach.
-            answers = await asyncio.gather(first, another_payment)
+        assert not first.done()
+        assert not another_payment.done()  # a new key waits its turn
+        assert repeated.status_code == 409, repeated.text
+        assert repeated.headers["content-type"] == "application/problem+json"
+        problem = repeated.json()
+        assert problem["type"] == TYPES + "idempotency-request-in-progress"
+        assert "queued" in problem["detail"]
+        assert 1 <= int(repeated.headers["Retry-After"]) <= 3
+        assert repeated.headers["RateLimit"].startswith('"')  # counted like any request
+        line.set()
+        # Its turn came: it goes on to Temporal, which this app cannot reach.
+        answers = await asyncio.gather(first, another_payment)
         assert [answer.status_code for answer in answers] == [503, 503]
         assert not gate.parked
         assert not gate.inside
@@ -132,20 +144,15 @@ async def test_the_key_of_a_request_waiting_for_its_turn_is_looked_up_while_it_w
 
     monkeypatch.setattr(PooledApiKeyReads, "key_for_hash", counted)
     headers = {**bearer(client.api_key), "Idempotency-Key": str(uuid.uuid4())}
-    app = create_app(api_settings(database_url, api_wait_seconds=3))
-    async with running_api(app) as api:
-        gate: AdmissionGate = app.state.admission
-        async with held_line(gate) as line:
-            first = post(api, headers)
-            await until(lambda: len(gate.parked) == 1)
-            await until(lambda: len(looked_up) == 1)
-            assert not first.done()
-            repeat = await asyncio.wait_for(
-                api.post("/v1/payments", json=VISA, headers=headers), timeout=5
-            )
-            assert repeat.status_code == 409, repeat.text
-            line.set()
-            await first
+    async with api_with_line_held(database_url, api_wait_seconds=3) as (api, gate, line):
+        first = post(api, headers)
+        await until(lambda: len(gate.parked) == 1)
+        await until(lambda: len(looked_up) == 1)
+        assert not first.done()
+        repeated = await repeat(api, headers)
+        assert repeated.status_code == 409, repeated.text
+        line.set()
+        await first
     assert len(looked_up) == 1, "one lookup served the request in line, its repeat and its turn"
 
 
@@ -153,19 +160,14 @@ async def test_a_repeat_of_a_request_in_the_line_with_an_unknown_api_key_is_401(
     database_url: str,
 ) -> None:
     headers = {**bearer("sk_" + "x" * 40), "Idempotency-Key": str(uuid.uuid4())}
-    app = create_app(api_settings(database_url))
-    async with running_api(app) as api:
-        gate: AdmissionGate = app.state.admission
-        async with held_line(gate) as line:
-            first = post(api, headers)
-            await until(lambda: len(gate.parked) == 1)
-            repeat = await asyncio.wait_for(
-                api.post("/v1/payments", json=VISA, headers=headers), timeout=5
-            )
-            line.set()
-            answer = await first
-    assert repeat.status_code == 401, repeat.text
-    assert repeat.json()["type"] == TYPES + "unauthorized"
+    async with api_with_line_held(database_url) as (api, gate, line):
+        first = post(api, headers)
+        await until(lambda: len(gate.parked) == 1)
+        repeated = await repeat(api, headers)
+        line.set()
+        answer = await first
+    assert repeated.status_code == 401, repeated.text
+    assert repeated.json()["type"] == TYPES + "unauthorized"
     assert answer.status_code == 401
 
 
