@@ -23,6 +23,7 @@ import structlog
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.arrival import arrived_at
 from config.logging import (
     LineSampler,
     bind_request_fields,
@@ -55,21 +56,62 @@ def new_request_id() -> str:
     return secrets.token_hex(8)
 
 
-class AccessLogMiddleware:
-    def __init__(self, app: ASGIApp, shed_lines: LineSampler | None = None) -> None:
-        self.app = app
+class RequestLines:
+    """Each request's canonical line: begun before the app sees the request, written
+    once it is answered. The access-log middleware uses it, and so does the admission
+    line for the repeats it answers before the middleware's turn (api/admission.py)."""
+
+    def __init__(self, shed_lines: LineSampler | None = None) -> None:
         self.shed_lines = shed_lines
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    def begin(self, scope: Scope) -> tuple[str, dict[str, object]]:
+        """The request's id (the caller's X-Request-Id if usable) and the line's fields,
+        bound for every line logged while the request is handled."""
         headers = Headers(scope=scope)
         request_id = usable_request_id(headers.get("x-request-id")) or new_request_id()
         fields = start_request_context(request_id=request_id)
         if key := headers.get("idempotency-key"):
             bind_request_fields(idempotency_key=key[:255])
-        started = time.perf_counter()
+        return request_id, fields
+
+    def write(self, scope: Scope, status: int, fields: dict[str, object], started: float) -> None:
+        """``started``: the request's arrival (``time.perf_counter``)."""
+        if scope["path"] not in UNLOGGED_PATHS and self._wanted(status, fields):
+            structlog.contextvars.bind_contextvars(**fields)
+            log.info(
+                "http.request",
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 1),
+            )
+        if self.shed_lines is not None:
+            log_shed_summary(self.shed_lines)
+
+    def _wanted(self, status: int, fields: dict[str, object]) -> bool:
+        # A 409 in progress (a repeat of a request still queued for room) is turned away
+        # too: the client retries after Retry-After and nothing was done for it.
+        turned_away = fields.get("turned_away")
+        if self.shed_lines is None or (status not in SHED_STATUSES and turned_away is None):
+            return True
+        if status == 429:
+            cause = "rate_limited"
+        else:
+            cause = str(turned_away or fields.get("unavailable", "unavailable"))
+        return self.shed_lines.admit(f"{status} {cause}")
+
+
+class AccessLogMiddleware:
+    def __init__(self, app: ASGIApp, lines: RequestLines) -> None:
+        self.app = app
+        self.lines = lines
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = arrived_at(scope)
+        request_id, fields = self.lines.begin(scope)
         status = 500  # what the client gets if the app dies before answering
 
         async def send_with_request_id(message: Message) -> None:
@@ -82,26 +124,4 @@ class AccessLogMiddleware:
         try:
             await self.app(scope, receive, send_with_request_id)
         finally:
-            if scope["path"] not in UNLOGGED_PATHS and self._write_line(status, fields):
-                structlog.contextvars.bind_contextvars(**fields)
-                log.info(
-                    "http.request",
-                    method=scope["method"],
-                    path=scope["path"],
-                    status=status,
-                    duration_ms=round((time.perf_counter() - started) * 1000, 1),
-                )
-            if self.shed_lines is not None:
-                log_shed_summary(self.shed_lines)
-
-    def _write_line(self, status: int, fields: dict[str, object]) -> bool:
-        # A 409 in progress (a repeat of a request still queued for room) is turned away
-        # too: the client retries after Retry-After and nothing was done for it.
-        turned_away = fields.get("turned_away")
-        if self.shed_lines is None or (status not in SHED_STATUSES and turned_away is None):
-            return True
-        if status == 429:
-            cause = "rate_limited"
-        else:
-            cause = str(turned_away or fields.get("unavailable", "unavailable"))
-        return self.shed_lines.admit(f"{status} {cause}")
+            self.lines.write(scope, status, fields, started)

@@ -28,11 +28,16 @@ import asyncio
 import math
 from collections import Counter, deque
 
+from fastapi import FastAPI
+from starlette.datastructures import State
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.access_log import RequestLines
+from api.arrival import arrived_at, note_arrival
 from api.auth import ApiKeyAuthenticator
 from api.dependencies import client_within_limit
-from api.problems import Problem, idempotency_request_in_progress, problem_response
+from api.metrics import count_request
+from api.problems import Problem, idempotency_request_in_progress, send_problem
 
 PAYMENTS_PATH = "/v1/payments"
 # Where a request that waited in line keeps how long it waited (the request's state).
@@ -133,15 +138,32 @@ def payment_request_ids(scope: Scope) -> tuple[bytes, bytes] | None:
 
 
 class AdmissionMiddleware:
-    def __init__(self, app: ASGIApp, gate: AdmissionGate, wait_seconds: float) -> None:
+    """Outside every other layer (``install_admission``): a new payment parks here
+    before the access log and the metrics begin its line, and a repeat of a parked one
+    is answered here, each layer's part in it done inline. At a storm's start 1,000
+    requests arrive within 20 ms and the 440 repeats among them are answered in the
+    same turns: each layer's per-request work (a log context, a task's worth of
+    wrappers) was 23 us of a parked request and 62 us of a repeat, most of it theirs."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        gate: AdmissionGate,
+        wait_seconds: float,
+        state: State,
+        lines: RequestLines,
+    ) -> None:
         self.app = app
         self.gate = gate
         self.wait_seconds = wait_seconds
+        self.state = state
+        self.lines = lines
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != PAYMENTS_PATH:
             await self.app(scope, receive, send)
             return
+        note_arrival(scope)
         ids = payment_request_ids(scope)
         if ids is None:  # refused inside (400 or 401), after its turn
             await self.gate.wait_turn()
@@ -152,7 +174,7 @@ class AdmissionMiddleware:
             return
         if not self.gate.knows(ids):
             # Its key is looked up while it waits, not after: its repeats need it too.
-            authenticator: ApiKeyAuthenticator = scope["app"].state.authenticator
+            authenticator: ApiKeyAuthenticator = self.state.authenticator
             authenticator.prefetch(ids[0].decode("latin-1"))
             loop = asyncio.get_running_loop()
             parked_at = loop.time()
@@ -187,12 +209,30 @@ class AdmissionMiddleware:
     async def _answer_in_progress(
         self, scope: Scope, receive: Receive, send: Send, ids: tuple[bytes, bytes], answer_by: float
     ) -> None:
+        started = arrived_at(scope)
+        request_id, fields = self.lines.begin(scope)
         try:
             # From the authenticator's cache, or the one lookup a key's requests share.
-            _, headers = await client_within_limit(scope["app"].state, ids[0].decode("latin-1"))
+            _, headers = await client_within_limit(self.state, ids[0].decode("latin-1"))
             loop = asyncio.get_running_loop()
             problem = idempotency_request_in_progress(max(1, math.ceil(answer_by - loop.time())))
             problem.headers.update(headers)
         except Problem as refused:
             problem = refused
-        await problem_response(problem, scope["path"])(scope, receive, send)
+        problem.headers["X-Request-Id"] = request_id
+        await send_problem(problem, scope["path"], send)
+        count_request(scope["method"], PAYMENTS_PATH, problem.status, started)
+        self.lines.write(scope, problem.status, fields, started)
+
+
+def install_admission(
+    app: FastAPI, gate: AdmissionGate, wait_seconds: float, lines: RequestLines
+) -> None:
+    """The admission line around the whole app, outside even the metrics' layer
+    (``install_metrics``, to be called first)."""
+    build_stack = app.build_middleware_stack
+
+    def build_stack_behind_the_line() -> ASGIApp:
+        return AdmissionMiddleware(build_stack(), gate, wait_seconds, app.state, lines)
+
+    app.build_middleware_stack = build_stack_behind_the_line  # type: ignore[method-assign]

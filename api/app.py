@@ -10,8 +10,8 @@ from contextlib import asynccontextmanager
 import structlog
 from fastapi import FastAPI
 
-from api.access_log import AccessLogMiddleware, log_shed_summary
-from api.admission import AdmissionGate, AdmissionMiddleware
+from api.access_log import AccessLogMiddleware, RequestLines, log_shed_summary
+from api.admission import AdmissionGate, install_admission
 from api.auth import ApiKeyAuthenticator
 from api.backlog import BacklogGate, StartSlots, processing_counter
 from api.codec_server import create_codec_app
@@ -145,8 +145,11 @@ def create_app(settings: Settings | None = None, *, tune_gc: bool = False) -> Fa
     admission = AdmissionGate(settings.api_admissions_per_turn, settings.api_remembered_keys)
     app.state.admission = admission
     ADMISSION_WAITING.set_function(lambda: admission.waiting)
-    app.add_middleware(AdmissionMiddleware, gate=admission, wait_seconds=settings.api_wait_seconds)
-    # Added last, so outermost: its line covers every other layer, errors included.
-    app.add_middleware(AccessLogMiddleware, shed_lines=shed_lines)
+    request_lines = RequestLines(shed_lines)
+    # Added last, so outermost of the middleware: its line covers every other layer,
+    # errors included.
+    app.add_middleware(AccessLogMiddleware, lines=request_lines)
+    # Around all of it, the metrics' layer included: api/admission.py says why.
+    install_admission(app, admission, settings.api_wait_seconds, request_lines)
 
     return app

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.arrival import arrived_at
 from api.problems import TYPE_BASE
 
 log = structlog.get_logger("api")
@@ -146,6 +147,25 @@ def _is_idempotency_conflict(body: bytes) -> bool:
     return isinstance(problem, dict) and problem.get("type") == IDEMPOTENCY_CONFLICT_TYPE
 
 
+# The counter's and the histogram's series by (method, route, status), looked up once:
+# ``labels()`` checks and locks on every call, 3 of the 5 us a request's counting cost.
+# Bounded as the series are: by the routes' templates, the methods and the statuses.
+_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
+def count_request(method: str, route: str, status: int, started: float) -> None:
+    """One answered request; ``started``: its arrival (``time.perf_counter``)."""
+    series = _series.get((method, route, status))
+    if series is None:
+        labels = (method, route, str(status))
+        series = _series[(method, route, status)] = (
+            REQUESTS.labels(*labels),
+            REQUEST_DURATION.labels(*labels),
+        )
+    series[0].inc()
+    series[1].observe(time.perf_counter() - started)
+
+
 class MetricsMiddleware:
     """Pure ASGI (no BaseHTTPMiddleware): it sees the status and headers as they are
     sent, and the body only of a 422, to tell an idempotency conflict apart."""
@@ -157,7 +177,7 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
+        started = arrived_at(scope)
         status = 500  # what the client gets if the app raises before answering
         replayed = False
         conflict_body = bytearray()
@@ -177,9 +197,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = _route_template(scope)
-            labels = (scope["method"], route, str(status))
-            REQUESTS.labels(*labels).inc()
-            REQUEST_DURATION.labels(*labels).observe(time.perf_counter() - started)
+            count_request(scope["method"], route, status, started)
             if replayed:
                 IDEMPOTENT_REPLAYS.labels(route).inc()
             if status == 422 and _is_idempotency_conflict(bytes(conflict_body)):

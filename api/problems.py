@@ -6,6 +6,7 @@ route builds an error body by hand.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from config.logging import bind_request_fields
 
@@ -124,6 +126,24 @@ class Problem(Exception):
             body["instance"] = instance
         body.update(self.extra)
         return body
+
+
+# JSONResponse's settings, in one encoder made once rather than one per response.
+_PROBLEM_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+async def send_problem(problem: Problem, instance: str | None, send: Send) -> None:
+    """The answer ``problem_response`` gives, sent as ASGI messages by a layer outside
+    the app: for the admission line's 409s, a third of the time of a response object."""
+    body = _PROBLEM_ENCODER.encode(problem.body(instance)).encode()
+    headers = [
+        (b"content-type", PROBLEM_JSON.encode()),
+        (b"content-length", str(len(body)).encode()),
+        *((name.lower().encode("latin-1"), value.encode("latin-1"))
+          for name, value in problem.headers.items()),
+    ]  # fmt: skip
+    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def problem_response(problem: Problem, instance: str | None = None) -> JSONResponse:

@@ -4,6 +4,7 @@ knows skips the line; a repeat of a request still in the line is 409 at once."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -127,6 +128,65 @@ async def test_a_repeat_of_a_request_waiting_for_its_turn_is_409_at_once(
         assert not gate.inside
         # A 503 leaves nothing to repeat: the retry is a new payment's work again.
         assert not gate.knows((f"Bearer {client.api_key}".encode(), key.encode()))
+
+
+def _series(metrics: str, name: str, **labels: str) -> float:
+    """A series' value on /metrics (0 if absent), matched on the labels given."""
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_the_lines_answers_are_logged_counted_and_timed_like_any_request(
+    database_url: str, new_client: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The line is outside the access log and the metrics' layers: its own 409 carries
+    the request id and is counted under its route, and a request let in after waiting
+    is timed from its arrival, not from when it was let in."""
+    client = await new_client()
+    headers = {**bearer(client.api_key), "Idempotency-Key": str(uuid.uuid4())}
+    async with api_with_line_held(
+        database_url, api_wait_seconds=3, api_shed_log_lines_per_second=100
+    ) as (api, gate, line):
+        logging.getLogger().addHandler(caplog.handler)  # the app configured logging afresh
+        caplog.set_level(logging.INFO)
+        before = (await api.get("/metrics")).text
+        first = post(api, headers)
+        await until(lambda: len(gate.parked) == 1)
+
+        repeated = await asyncio.wait_for(
+            api.post("/v1/payments", json=VISA, headers={**headers, "X-Request-Id": "support-42"}),
+            timeout=5,
+        )
+        await asyncio.sleep(0.3)  # the first waits in line meanwhile
+        line.set()
+        answer = await first
+        after = (await api.get("/metrics")).text
+
+    assert repeated.status_code == 409, repeated.text
+    assert repeated.headers["X-Request-Id"] == "support-42"
+    assert answer.headers["X-Request-Id"]
+    route = {"method": "POST", "route": "/v1/payments"}
+    count = "payments_api_requests_total"
+    assert (
+        _series(after, count, status="409", **route) - _series(before, count, **route, status="409")
+        == 1
+    )
+    unmatched = {"method": "POST", "route": "unmatched"}
+    assert _series(after, count, **unmatched) == _series(before, count, **unmatched)
+    lines = {
+        e["request_id"]: e
+        for r in caplog.records
+        if isinstance(e := r.msg, dict) and e.get("event") == "http.request"
+    }
+    assert lines["support-42"]["status"] == 409
+    assert lines["support-42"]["turned_away"] == "request_in_progress"
+    assert lines["support-42"]["client_id"] == client.client_id
+    first_line = lines[answer.headers["X-Request-Id"]]
+    assert first_line["status"] == answer.status_code
+    assert first_line["duration_ms"] >= 300, "its time in line is part of its duration"
 
 
 async def test_the_key_of_a_request_waiting_for_its_turn_is_looked_up_while_it_waits(
