@@ -231,10 +231,12 @@ class PaymentService:
         request: PaymentRequest,
         wait_seconds: float,
         replay_wait_seconds: float = 0.0,
+        arrived_seconds: float = 0.0,
     ) -> PaymentAnswer:
         """Start or attach. A first request waits up to ``wait_seconds`` for the
         outcome; a repeat answers the payment as it stands after ``replay_wait_seconds``
-        (at once by default), or as soon as it is final."""
+        (at once by default), or as soon as it is final. ``arrived_seconds``: how long
+        ago the request reached this process."""
         async with self._changes(payment_id_for(client_id, key)) as changes:
             return await self._create(
                 changes,
@@ -244,6 +246,7 @@ class PaymentService:
                 request=request,
                 wait_seconds=wait_seconds,
                 replay_wait_seconds=min(replay_wait_seconds, wait_seconds),
+                arrived_seconds=arrived_seconds,
             )
 
     def _changes(self, payment_id: str) -> AbstractAsyncContextManager[PaymentChanges]:
@@ -261,6 +264,7 @@ class PaymentService:
         request: PaymentRequest,
         wait_seconds: float,
         replay_wait_seconds: float,
+        arrived_seconds: float,
     ) -> PaymentAnswer:
         """``create`` once subscribed to the payment's changes: every ledger read below
         comes after subscribing, so no change committed in between is missed."""
@@ -269,11 +273,18 @@ class PaymentService:
         deadline = now + wait_seconds
         replay_deadline = now + replay_wait_seconds
         ids = (client_id, key)
-        stored = await self._stored(client_id, key)
-        if stored is None and (ahead := self._admitting.get(ids)) is not None:
-            # A repeat that asked to wait (Prefer: wait) waits for the start too.
-            patience = max(replay_deadline, now + REPEAT_WAITS_FOR_START_SECONDS)
+        if (ahead := self._admitting.get(ids)) is not None:
+            # Its first request is being admitted here: its row is not open before that
+            # one moves on, so there is nothing to read yet. (At a storm's start the read
+            # was a round trip behind the loop's busiest turns, 30-50 ms.) A repeat that
+            # asked to wait (Prefer: wait) waits for the start too; otherwise its patience
+            # counts from its arrival, not from when the loop got to it.
+            patience = max(
+                replay_deadline, now + max(0.0, REPEAT_WAITS_FOR_START_SECONDS - arrived_seconds)
+            )
             stored = await self._behind(ahead, ids, min(patience, deadline))
+        else:
+            stored = await self._stored(client_id, key)
         if stored is not None:
             if stored.request_fingerprint != fingerprint:
                 raise idempotency_key_reused()
@@ -359,7 +370,7 @@ class PaymentService:
         still queued for room (no payment exists yet, and queueing behind it would only
         hold a second place in the line) or still starting its run past ``deadline``."""
         loop = asyncio.get_running_loop()
-        if not ahead.queued:
+        if not ahead.queued and deadline > loop.time():
             # Admitted and starting the run, or about to learn whether it must queue.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, deadline - loop.time())):

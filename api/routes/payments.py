@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from api.admission import wait_after_line
+from api.arrival import arrived_at
 from api.dependencies import CurrentClient, PaymentServiceDep, SettingsDep
 from api.idempotency import parse_idempotency_key
 from api.openapi import BODY_PROBLEMS, COMMON_PROBLEMS, RATE_LIMIT_HEADERS, problem_responses
@@ -113,6 +115,7 @@ async def create_payment(
         wait_seconds=left,
         # A repeat answers the payment as it stands unless the client asked to wait.
         replay_wait_seconds=left if requested is not None else 0.0,
+        arrived_seconds=time.perf_counter() - arrived_at(request.scope),
     )
     payment = answer.payment
     response.status_code = (

@@ -11,6 +11,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
+
+import api.payments
+import api.routes.payments
 from api.app import create_app
 from api.payments import REPEAT_WAITS_FOR_START_SECONDS
 from devstack.ports import free_port
@@ -76,3 +80,37 @@ async def test_a_repeat_of_a_payment_whose_start_is_unconfirmed_is_409_in_progre
             answer = await first
     assert answer.status_code == 503, answer.text
     assert answer.json()["type"] == TYPES + "service-unavailable"
+
+
+async def test_a_repeat_that_waited_in_this_process_already_is_not_held_for_the_start(
+    database_url: str, new_client: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The moment a repeat waits for its first request's start counts from its arrival:
+    at a storm's start the loop got to repeats 30-50 ms after they arrived, and holding
+    them the whole moment more put them past the 50 ms a duplicate's answer may take."""
+    # A long moment, so that a repeat held for it could not be mistaken for one that was
+    # not; this repeat arrived (as the route is told) ten seconds ago.
+    monkeypatch.setattr(api.payments, "REPEAT_WAITS_FOR_START_SECONDS", 5.0)
+    monkeypatch.setattr(api.routes.payments, "arrived_at", lambda _scope: time.perf_counter() - 10)
+    client = await new_client()
+    headers = {**bearer(client.api_key), "Idempotency-Key": str(uuid.uuid4())}
+    async with unresponsive_server() as temporal_address:
+        settings = api_settings(database_url, api_wait_seconds=4)
+        settings = settings.model_copy(update={"temporal_address": temporal_address})
+        async with running_api(create_app(settings)) as api_client:
+            first = asyncio.create_task(api_client.post("/v1/payments", json=VISA, headers=headers))
+            while (
+                _metric((await api_client.get("/metrics")).text, "payments_api_starts_in_flight")
+                < 1
+            ):
+                await asyncio.sleep(0.01)
+
+            started = time.monotonic()
+            repeat = await api_client.post("/v1/payments", json=VISA, headers=headers)
+            waited = time.monotonic() - started
+
+            assert repeat.status_code == 409, repeat.text
+            assert "still starting its payment" in repeat.json()["detail"]
+            assert waited < 2.5, "held for the start although its moment had passed"
+            assert not first.done()
+            first.cancel()
