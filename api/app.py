@@ -75,6 +75,12 @@ def create_app(settings: Settings | None = None, *, tune_gc: bool = False) -> Fa
             settings.api_key_cache_seconds,
             max_prefetches=settings.database_read_pool_min_size,
         )
+        # Loaded once before the first request, then kept.
+        await app.state.authenticator.mirror_active_keys(settings.api_key_mirror_size)
+        key_mirror = asyncio.create_task(
+            app.state.authenticator.keep_mirrored(settings.api_key_mirror_size),
+            name="api-key-mirror",
+        )
         outcomes = OutcomeListener(settings.database_url)
         await outcomes.start()
         backlog = BacklogGate(processing_counter(reads), settings.api_max_processing_payments)
@@ -111,6 +117,7 @@ def create_app(settings: Settings | None = None, *, tune_gc: bool = False) -> Fa
             tune_garbage_collector(full_collection_every=100)
         yield
         loop_watch.cancel()
+        key_mirror.cancel()
         await backlog.close()
         log_shed_summary(shed_lines, force=True)
         await outcomes.stop()

@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     api_wait_seconds: float = Field(default=5.0, ge=0, le=60)
     # A revoked key is refused by each API process within this many seconds.
     api_key_cache_seconds: float = Field(default=5.0, ge=0)
+    # Active API keys each API process keeps in memory, the newest first, reloaded every
+    # third of the cache period (api/auth.py, keep_mirrored); 0: keys are looked up on
+    # their first request only.
+    api_key_mirror_size: int = Field(default=10_000, ge=0)
     # New payments wait for room (then 503) while this many, across the deployment, have
     # no recorded outcome (api/backlog.py); 0 turns the gate off. Keep it under the
     # workers' workflow cache (1,000 runs per worker process) so no run is evicted.

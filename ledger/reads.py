@@ -60,11 +60,12 @@ _REFUNDS_OF = (
     "failure_message, provider_refund_id, created_at, updated_at "
     "FROM refunds WHERE payment_id = ANY(%s::text[]) ORDER BY payment_id, created_at, id"
 )
-_KEY_BY_HASH = (
+_KEY_COLUMNS = (
     "SELECT k.id, k.client_id, c.name AS client_name, k.key_hash, k.display_prefix, k.created_at, "
     "k.revoked_at FROM api_keys k JOIN api_clients c ON c.id = k.client_id "
-    "WHERE k.key_hash = %s"
 )
+_KEY_BY_HASH = _KEY_COLUMNS + "WHERE k.key_hash = %s"
+_ACTIVE_KEYS = _KEY_COLUMNS + "WHERE k.revoked_at IS NULL ORDER BY k.created_at DESC, k.id LIMIT %s"
 # Keys read by one statement at most; more waiting start the next batch at once.
 BATCH_LIMIT = 256
 # (client id, key) asked for, each with the futures of the requests that asked.
@@ -235,6 +236,10 @@ class PooledPaymentReads:
 class ApiKeyReads(Protocol):
     async def key_for_hash(self, key_hash: str) -> ApiKeyRecord | None: ...
 
+    async def active_keys(self, limit: int) -> list[ApiKeyRecord]:
+        """Keys not revoked, the newest ``limit``, with their clients' names."""
+        ...
+
 
 class PooledApiKeyReads:
     """An API key by its hash on the read pool, for the authenticator's cache misses:
@@ -255,6 +260,11 @@ class PooledApiKeyReads:
             row = await cursor.fetchone()
         return None if row is None else key_record(row, row.client_name)
 
+    async def active_keys(self, limit: int) -> list[ApiKeyRecord]:
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(_ACTIVE_KEYS, (limit,), prepare=False)
+            return [key_record(row, row.client_name) for row in await cursor.fetchall()]
+
 
 class SessionApiKeyReads:
     """The same through ``ClientRepository`` and a session factory."""
@@ -265,6 +275,10 @@ class SessionApiKeyReads:
     async def key_for_hash(self, key_hash: str) -> ApiKeyRecord | None:
         async with self._sessions() as session:
             return await ClientRepository(session).key_for_hash(key_hash)
+
+    async def active_keys(self, limit: int) -> list[ApiKeyRecord]:
+        async with self._sessions() as session:
+            return await ClientRepository(session).active_keys(limit)
 
 
 class SessionPaymentReads:

@@ -264,6 +264,19 @@ class ClientRepository:
         ).first()
         return None if row is None else key_record(row[0], row[1])
 
+    async def active_keys(self, limit: int) -> list[ApiKeyRecord]:
+        """Keys not revoked, with their clients' names: the newest ``limit`` of them."""
+        rows = (
+            await self._session.execute(
+                select(ApiKey, ApiClient.name)
+                .join(ApiClient, ApiKey.client_id == ApiClient.id)
+                .where(ApiKey.revoked_at.is_(None))
+                .order_by(ApiKey.created_at.desc(), ApiKey.id)
+                .limit(limit)
+            )
+        ).all()
+        return [key_record(key, name) for key, name in rows]
+
     async def list_keys(self, client_id: str) -> list[ApiKeyRecord]:
         rows = (
             await self._session.execute(

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from admin.credentials import hash_api_key
 from admin.keys import create_key_async, revoke_key_async
 from api.auth import ApiKeyAuthenticator
 from api.problems import Problem
@@ -233,6 +234,73 @@ async def test_prefetches_at_once_are_bounded_so_made_up_keys_cannot_crowd_the_p
     with pytest.raises(Problem) as refused:
         await authenticator.authenticate("Bearer sk_made_up_0")
     assert refused.value.status == 401, "an unknown key is still refused when let in"
+
+
+async def test_mirrored_keys_are_known_without_a_lookup_and_a_revoked_one_leaves_in_time(
+    sessions: async_sessionmaker[AsyncSession],
+    new_client: Callable[..., Any],
+    database_url: str,
+) -> None:
+    """The mirror puts every active key in the cache, so a client's first request needs
+    no lookup; a key revoked since is left out of the next reload and refused once its
+    entry expires, within the cache period as before."""
+    client = await new_client("mirrored")
+    looked_up: list[str] = []
+
+    class CountingKeys(SessionApiKeyReads):
+        async def key_for_hash(self, key_hash: str) -> Any:
+            looked_up.append(key_hash)
+            return await super().key_for_hash(key_hash)
+
+    now = [1000.0]
+    authenticator = ApiKeyAuthenticator(CountingKeys(sessions), 6.0, clock=lambda: now[0])
+    header = f"Bearer {client.api_key}"
+    await authenticator.mirror_active_keys(10_000)
+
+    identity = await authenticator.authenticate(header)
+    assert identity.client_id == client.client_id
+    assert looked_up == [], "its first request found the key mirrored"
+
+    await revoke_key_async(database_url, api_key=client.api_key)
+    now[0] += 2.0  # the next reload, a third of the period later
+    await authenticator.mirror_active_keys(10_000)
+    now[0] += 2.9  # still within the period of the last reload that had it
+    assert (await authenticator.authenticate(header)).client_id == client.client_id
+    now[0] += 1.2  # past it
+    with pytest.raises(Problem) as refused:
+        await authenticator.authenticate(header)
+    assert refused.value.status == 401
+    assert len(looked_up) == 1, "looked up once its mirrored entry had expired"
+
+
+async def test_the_mirror_holds_at_most_its_size_newest_keys_first(
+    sessions: async_sessionmaker[AsyncSession],
+    new_client: Callable[..., Any],
+    database_url: str,
+) -> None:
+    older = await new_client("mirror-older")
+    newer = await new_client("mirror-newer")
+    _, newest_key = await create_key_async(database_url, newer.client_id)
+    keys = SessionApiKeyReads(sessions)
+    newest = await keys.active_keys(2)
+    assert [k.client_id for k in newest] == [newer.client_id, newer.client_id]
+    assert newest[0].key_hash == hash_api_key(newest_key)
+    assert all(k.revoked_at is None for k in await keys.active_keys(10_000))
+
+    looked_up: list[str] = []
+
+    class CountingKeys(SessionApiKeyReads):
+        async def key_for_hash(self, key_hash: str) -> Any:
+            looked_up.append(key_hash)
+            return await super().key_for_hash(key_hash)
+
+    authenticator = ApiKeyAuthenticator(CountingKeys(sessions), 5.0)
+    await authenticator.mirror_active_keys(2)
+    await authenticator.authenticate(f"Bearer {newest_key}")
+    await authenticator.authenticate(f"Bearer {newer.api_key}")
+    assert looked_up == []
+    await authenticator.authenticate(f"Bearer {older.api_key}")
+    assert looked_up == [hash_api_key(older.api_key)], "past the mirror's size: looked up"
 
 
 async def test_a_second_key_of_the_same_client_sees_the_same_payments(

@@ -122,6 +122,12 @@ async def test_pooled_key_reads_equal_the_repository_for_active_revoked_and_unkn
     assert await keys.key_for_hash(hash_api_key("sk_no_such_key")) is None
     assert await orm.key_for_hash(hash_api_key("sk_no_such_key")) is None
 
+    mirrored = await keys.active_keys(10_000)
+    assert mirrored == await orm.active_keys(10_000)
+    assert active in mirrored
+    assert revoked not in mirrored
+    assert await keys.active_keys(1) == await orm.active_keys(1) == mirrored[:1]
+
 
 async def test_reads_by_key_asked_at_once_share_one_statement_and_each_get_their_own(
     engine: AsyncEngine,
