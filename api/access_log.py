@@ -20,13 +20,12 @@ import secrets
 import time
 
 import structlog
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.arrival import arrived_at
 from config.logging import (
     LineSampler,
-    bind_request_fields,
     start_request_context,
     usable_request_id,
 )
@@ -67,12 +66,20 @@ class RequestLines:
     def begin(self, scope: Scope) -> tuple[str, dict[str, object]]:
         """The request's id (the caller's X-Request-Id if usable) and the line's fields,
         bound for every line logged while the request is handled."""
-        headers = Headers(scope=scope)
-        request_id = usable_request_id(headers.get("x-request-id")) or new_request_id()
-        fields = start_request_context(request_id=request_id)
-        if key := headers.get("idempotency-key"):
-            bind_request_fields(idempotency_key=key[:255])
-        return request_id, fields
+        offered_id = key = None
+        # One pass over the raw headers, the first of each as Starlette's Headers reads
+        # them: 3.5 of a repeat's 6 us here went to building Headers and two lookups.
+        for name, value in scope["headers"]:
+            if name == b"x-request-id" and offered_id is None:
+                offered_id = value.decode("latin-1")
+            elif name == b"idempotency-key" and key is None:
+                key = value.decode("latin-1")
+        request_id = usable_request_id(offered_id) or new_request_id()
+        if key:
+            return request_id, start_request_context(
+                request_id=request_id, idempotency_key=key[:255]
+            )
+        return request_id, start_request_context(request_id=request_id)
 
     def write(self, scope: Scope, status: int, fields: dict[str, object], started: float) -> None:
         """``started``: the request's arrival (``time.perf_counter``)."""

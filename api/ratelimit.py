@@ -58,6 +58,7 @@ class RateLimiter:
         self.burst = burst
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
+        self._policy: str | None = None
 
     def take(self, client_id: str) -> RateDecision:
         """Spend one token of ``client_id``'s bucket if it has one. No await: atomic."""
@@ -97,7 +98,9 @@ class RateLimiter:
         return f'"{POLICY_NAME}";q={max(1, round(self.rate * window))};w={window}'
 
     def headers(self, decision: RateDecision) -> dict[str, str]:
+        if self._policy is None:  # the same on every answer: built once
+            self._policy = self.policy_header()
         return {
-            "RateLimit-Policy": self.policy_header(),
+            "RateLimit-Policy": self._policy,
             "RateLimit": f'"{POLICY_NAME}";r={decision.remaining};t={decision.reset}',
         }
