@@ -273,18 +273,22 @@ class PaymentService:
         deadline = now + wait_seconds
         replay_deadline = now + replay_wait_seconds
         ids = (client_id, key)
+        # A repeat that asked to wait (Prefer: wait) waits for its first request's start
+        # too; otherwise its patience counts from its arrival, not from when the loop got
+        # to it.
+        patience = max(
+            replay_deadline, now + max(0.0, REPEAT_WAITS_FOR_START_SECONDS - arrived_seconds)
+        )
         if (ahead := self._admitting.get(ids)) is not None:
             # Its first request is being admitted here: its row is not open before that
             # one moves on, so there is nothing to read yet. (At a storm's start the read
-            # was a round trip behind the loop's busiest turns, 30-50 ms.) A repeat that
-            # asked to wait (Prefer: wait) waits for the start too; otherwise its patience
-            # counts from its arrival, not from when the loop got to it.
-            patience = max(
-                replay_deadline, now + max(0.0, REPEAT_WAITS_FOR_START_SECONDS - arrived_seconds)
-            )
+            # was a round trip behind the loop's busiest turns, 30-50 ms.)
             stored = await self._behind(ahead, ids, min(patience, deadline))
         else:
             stored = await self._stored(client_id, key)
+            if stored is None and (ahead := self._admitting.get(ids)) is not None:
+                # Its first request got here while this one read: behind it, not beside.
+                stored = await self._behind(ahead, ids, min(patience, deadline))
         if stored is not None:
             if stored.request_fingerprint != fingerprint:
                 raise idempotency_key_reused()

@@ -18,6 +18,7 @@ import api.routes.payments
 from api.app import create_app
 from api.payments import REPEAT_WAITS_FOR_START_SECONDS
 from devstack.ports import free_port
+from ledger.reads import PooledPaymentReads
 from tests.api.conftest import api_settings, bearer, running_api
 
 TYPES = "https://payments.example.com/problems/"
@@ -112,5 +113,44 @@ async def test_a_repeat_that_waited_in_this_process_already_is_not_held_for_the_
             assert repeat.status_code == 409, repeat.text
             assert "still starting its payment" in repeat.json()["detail"]
             assert waited < 2.5, "held for the start although its moment had passed"
+            assert not first.done()
+            first.cancel()
+
+
+async def test_a_repeat_that_read_the_ledger_while_its_first_request_got_in_waits_behind_it(
+    database_url: str, new_client: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both found nothing being admitted and read the ledger at once; the first then
+    began its start. The repeat, back from its read, goes behind it (409 while it is
+    starting), not beside it as a second first request."""
+    release = asyncio.Event()
+    reads: list[str] = []
+    by_key = PooledPaymentReads.by_key
+
+    async def held(self: PooledPaymentReads, client_id: str, key: str) -> Any:
+        reads.append(key)
+        await release.wait()
+        return await by_key(self, client_id, key)
+
+    monkeypatch.setattr(PooledPaymentReads, "by_key", held)
+    client = await new_client()
+    headers = {**bearer(client.api_key), "Idempotency-Key": str(uuid.uuid4())}
+    async with unresponsive_server() as temporal_address:
+        settings = api_settings(database_url, api_wait_seconds=2)
+        settings = settings.model_copy(update={"temporal_address": temporal_address})
+        async with running_api(create_app(settings)) as api_client:
+            first = asyncio.create_task(api_client.post("/v1/payments", json=VISA, headers=headers))
+            while len(reads) < 1:
+                await asyncio.sleep(0.01)
+            repeat = asyncio.create_task(
+                api_client.post("/v1/payments", json=VISA, headers=headers)
+            )
+            while len(reads) < 2:
+                await asyncio.sleep(0.01)
+            release.set()
+
+            answer = await repeat
+            assert answer.status_code == 409, answer.text
+            assert "still starting its payment" in answer.json()["detail"]
             assert not first.done()
             first.cancel()
