@@ -189,13 +189,8 @@ async def test_the_lines_answers_are_logged_counted_and_timed_like_any_request(
     assert first_line["duration_ms"] >= 300, "its time in line is part of its duration"
 
 
-async def test_the_key_of_a_request_waiting_for_its_turn_is_looked_up_while_it_waits(
-    database_url: str, new_client: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Its repeats, answered at once, need the key too: the lookup starts when the request
-    parks, not when its turn comes. (A key the process has not mirrored yet: one newer
-    than the mirror's last reload; here the mirror is off.)"""
-    client = await new_client()
+def count_key_lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The hashes the API's key lookups ask for, from now on."""
     looked_up: list[str] = []
     lookup = PooledApiKeyReads.key_for_hash
 
@@ -204,6 +199,17 @@ async def test_the_key_of_a_request_waiting_for_its_turn_is_looked_up_while_it_w
         return await lookup(self, key_hash)
 
     monkeypatch.setattr(PooledApiKeyReads, "key_for_hash", counted)
+    return looked_up
+
+
+async def test_the_key_of_a_request_waiting_for_its_turn_is_looked_up_while_it_waits(
+    database_url: str, new_client: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its repeats, answered at once, need the key too: the lookup starts when the request
+    parks, not when its turn comes. (A key the process has not mirrored yet: one newer
+    than the mirror's last reload; here the mirror is off.)"""
+    client = await new_client()
+    looked_up = count_key_lookups(monkeypatch)
     headers = {**bearer(client.api_key), "Idempotency-Key": str(uuid.uuid4())}
     async with api_with_line_held(database_url, api_wait_seconds=3, api_key_mirror_size=0) as (
         api,
@@ -227,14 +233,7 @@ async def test_a_process_knows_its_clients_keys_before_their_first_request(
     """Mirrored at start (PAYMENTS_API_KEY_MIRROR_SIZE): a herd's first requests and
     their repeats are answered without waiting for a lookup."""
     client = await new_client()
-    looked_up: list[str] = []
-    lookup = PooledApiKeyReads.key_for_hash
-
-    async def counted(self: PooledApiKeyReads, key_hash: str) -> Any:
-        looked_up.append(key_hash)
-        return await lookup(self, key_hash)
-
-    monkeypatch.setattr(PooledApiKeyReads, "key_for_hash", counted)
+    looked_up = count_key_lookups(monkeypatch)
     headers = {**bearer(client.api_key), "Idempotency-Key": str(uuid.uuid4())}
     async with api_with_line_held(database_url, api_wait_seconds=3) as (api, gate, line):
         first = post(api, headers)

@@ -25,6 +25,18 @@ from tests.api.conftest import ApiFactory, bearer, store_payment
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+class CountingKeys(SessionApiKeyReads):
+    """The repository's key lookups, each one's hash noted in ``looked_up``."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        super().__init__(sessions)
+        self.looked_up: list[str] = []
+
+    async def key_for_hash(self, key_hash: str) -> Any:
+        self.looked_up.append(key_hash)
+        return await super().key_for_hash(key_hash)
+
+
 async def test_missing_unknown_malformed_and_revoked_keys_get_the_same_401(
     make_api: ApiFactory, new_client: Callable[..., Any], database_url: str
 ) -> None:
@@ -183,14 +195,9 @@ async def test_a_prefetched_key_is_looked_up_once_while_the_request_waits(
     """A request waiting in the admission line has its key looked up meanwhile: once
     let in it is served from the cache, and a malformed header starts nothing."""
     client = await new_client("prefetched")
-    looked_up: list[str] = []
-
-    class CountingKeys(SessionApiKeyReads):
-        async def key_for_hash(self, key_hash: str) -> Any:
-            looked_up.append(key_hash)
-            return await super().key_for_hash(key_hash)
-
-    authenticator = ApiKeyAuthenticator(CountingKeys(sessions), 5.0)
+    keys = CountingKeys(sessions)
+    looked_up = keys.looked_up
+    authenticator = ApiKeyAuthenticator(keys, 5.0)
     header = f"Bearer {client.api_key}"
     authenticator.prefetch(header)
     authenticator.prefetch(header)  # already under way: not a second lookup
@@ -245,15 +252,10 @@ async def test_mirrored_keys_are_known_without_a_lookup_and_a_revoked_one_leaves
     no lookup; a key revoked since is left out of the next reload and refused once its
     entry expires, within the cache period as before."""
     client = await new_client("mirrored")
-    looked_up: list[str] = []
-
-    class CountingKeys(SessionApiKeyReads):
-        async def key_for_hash(self, key_hash: str) -> Any:
-            looked_up.append(key_hash)
-            return await super().key_for_hash(key_hash)
-
+    keys = CountingKeys(sessions)
+    looked_up = keys.looked_up
     now = [1000.0]
-    authenticator = ApiKeyAuthenticator(CountingKeys(sessions), 6.0, clock=lambda: now[0])
+    authenticator = ApiKeyAuthenticator(keys, 6.0, clock=lambda: now[0])
     header = f"Bearer {client.api_key}"
     await authenticator.mirror_active_keys(10_000)
 
@@ -287,14 +289,9 @@ async def test_the_mirror_holds_at_most_its_size_newest_keys_first(
     assert newest[0].key_hash == hash_api_key(newest_key)
     assert all(k.revoked_at is None for k in await keys.active_keys(10_000))
 
-    looked_up: list[str] = []
-
-    class CountingKeys(SessionApiKeyReads):
-        async def key_for_hash(self, key_hash: str) -> Any:
-            looked_up.append(key_hash)
-            return await super().key_for_hash(key_hash)
-
-    authenticator = ApiKeyAuthenticator(CountingKeys(sessions), 5.0)
+    keys = CountingKeys(sessions)
+    looked_up = keys.looked_up
+    authenticator = ApiKeyAuthenticator(keys, 5.0)
     await authenticator.mirror_active_keys(2)
     await authenticator.authenticate(f"Bearer {newest_key}")
     await authenticator.authenticate(f"Bearer {newer.api_key}")

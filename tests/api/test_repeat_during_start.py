@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 import pytest
 
 import api.payments
@@ -52,33 +53,47 @@ def _metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not on /metrics")
 
 
+@asynccontextmanager
+async def api_whose_starts_are_never_confirmed(
+    database_url: str, wait_seconds: float
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with unresponsive_server() as temporal_address:
+        settings = api_settings(database_url, api_wait_seconds=wait_seconds)
+        settings = settings.model_copy(update={"temporal_address": temporal_address})
+        async with running_api(create_app(settings)) as api_client:
+            yield api_client
+
+
+async def starting(api_client: httpx.AsyncClient, headers: dict[str, str]) -> asyncio.Task[Any]:
+    """A first request sent, once its start is in flight."""
+    first = asyncio.create_task(api_client.post("/v1/payments", json=VISA, headers=headers))
+    while _metric((await api_client.get("/metrics")).text, "payments_api_starts_in_flight") < 1:
+        assert not first.done(), first.result().text
+        await asyncio.sleep(0.01)
+    return first
+
+
 async def test_a_repeat_of_a_payment_whose_start_is_unconfirmed_is_409_in_progress_soon(
     database_url: str, new_client: Callable[..., Any]
 ) -> None:
     client = await new_client()
     headers = {**bearer(client.api_key), "Idempotency-Key": str(uuid.uuid4())}
-    async with unresponsive_server() as temporal_address:
-        settings = api_settings(database_url, api_wait_seconds=2)
-        settings = settings.model_copy(update={"temporal_address": temporal_address})
-        async with running_api(create_app(settings)) as api:
-            first = asyncio.create_task(api.post("/v1/payments", json=VISA, headers=headers))
-            while _metric((await api.get("/metrics")).text, "payments_api_starts_in_flight") < 1:
-                assert not first.done(), first.result().text
-                await asyncio.sleep(0.01)
+    async with api_whose_starts_are_never_confirmed(database_url, 2) as api:
+        first = await starting(api, headers)
 
-            started = time.monotonic()
-            repeat = await api.post("/v1/payments", json=VISA, headers=headers)
-            waited = time.monotonic() - started
+        started = time.monotonic()
+        repeat = await api.post("/v1/payments", json=VISA, headers=headers)
+        waited = time.monotonic() - started
 
-            assert not first.done()  # the first is still waiting for its start
-            assert repeat.status_code == 409, repeat.text
-            assert repeat.headers["content-type"] == "application/problem+json"
-            assert repeat.json()["type"] == TYPES + "idempotency-request-in-progress"
-            assert "still starting its payment" in repeat.json()["detail"]
-            assert 1 <= int(repeat.headers["Retry-After"]) <= 2
-            assert waited >= REPEAT_WAITS_FOR_START_SECONDS
-            # The server never confirmed the start: the first is told to retry.
-            answer = await first
+        assert not first.done()  # the first is still waiting for its start
+        assert repeat.status_code == 409, repeat.text
+        assert repeat.headers["content-type"] == "application/problem+json"
+        assert repeat.json()["type"] == TYPES + "idempotency-request-in-progress"
+        assert "still starting its payment" in repeat.json()["detail"]
+        assert 1 <= int(repeat.headers["Retry-After"]) <= 2
+        assert waited >= REPEAT_WAITS_FOR_START_SECONDS
+        # The server never confirmed the start: the first is told to retry.
+        answer = await first
     assert answer.status_code == 503, answer.text
     assert answer.json()["type"] == TYPES + "service-unavailable"
 
@@ -95,26 +110,18 @@ async def test_a_repeat_that_waited_in_this_process_already_is_not_held_for_the_
     monkeypatch.setattr(api.routes.payments, "arrived_at", lambda _scope: time.perf_counter() - 10)
     client = await new_client()
     headers = {**bearer(client.api_key), "Idempotency-Key": str(uuid.uuid4())}
-    async with unresponsive_server() as temporal_address:
-        settings = api_settings(database_url, api_wait_seconds=4)
-        settings = settings.model_copy(update={"temporal_address": temporal_address})
-        async with running_api(create_app(settings)) as api_client:
-            first = asyncio.create_task(api_client.post("/v1/payments", json=VISA, headers=headers))
-            while (
-                _metric((await api_client.get("/metrics")).text, "payments_api_starts_in_flight")
-                < 1
-            ):
-                await asyncio.sleep(0.01)
+    async with api_whose_starts_are_never_confirmed(database_url, 4) as api_client:
+        first = await starting(api_client, headers)
 
-            started = time.monotonic()
-            repeat = await api_client.post("/v1/payments", json=VISA, headers=headers)
-            waited = time.monotonic() - started
+        started = time.monotonic()
+        repeat = await api_client.post("/v1/payments", json=VISA, headers=headers)
+        waited = time.monotonic() - started
 
-            assert repeat.status_code == 409, repeat.text
-            assert "still starting its payment" in repeat.json()["detail"]
-            assert waited < 2.5, "held for the start although its moment had passed"
-            assert not first.done()
-            first.cancel()
+        assert repeat.status_code == 409, repeat.text
+        assert "still starting its payment" in repeat.json()["detail"]
+        assert waited < 2.5, "held for the start although its moment had passed"
+        assert not first.done()
+        first.cancel()
 
 
 async def test_a_repeat_that_read_the_ledger_while_its_first_request_got_in_waits_behind_it(
@@ -135,22 +142,17 @@ async def test_a_repeat_that_read_the_ledger_while_its_first_request_got_in_wait
     monkeypatch.setattr(PooledPaymentReads, "by_key", held)
     client = await new_client()
     headers = {**bearer(client.api_key), "Idempotency-Key": str(uuid.uuid4())}
-    async with unresponsive_server() as temporal_address:
-        settings = api_settings(database_url, api_wait_seconds=2)
-        settings = settings.model_copy(update={"temporal_address": temporal_address})
-        async with running_api(create_app(settings)) as api_client:
-            first = asyncio.create_task(api_client.post("/v1/payments", json=VISA, headers=headers))
-            while len(reads) < 1:
-                await asyncio.sleep(0.01)
-            repeat = asyncio.create_task(
-                api_client.post("/v1/payments", json=VISA, headers=headers)
-            )
-            while len(reads) < 2:
-                await asyncio.sleep(0.01)
-            release.set()
+    async with api_whose_starts_are_never_confirmed(database_url, 2) as api_client:
+        first = asyncio.create_task(api_client.post("/v1/payments", json=VISA, headers=headers))
+        while len(reads) < 1:
+            await asyncio.sleep(0.01)
+        repeat = asyncio.create_task(api_client.post("/v1/payments", json=VISA, headers=headers))
+        while len(reads) < 2:
+            await asyncio.sleep(0.01)
+        release.set()
 
-            answer = await repeat
-            assert answer.status_code == 409, answer.text
-            assert "still starting its payment" in answer.json()["detail"]
-            assert not first.done()
-            first.cancel()
+        answer = await repeat
+        assert answer.status_code == 409, answer.text
+        assert "still starting its payment" in answer.json()["detail"]
+        assert not first.done()
+        first.cancel()
