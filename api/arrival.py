@@ -13,11 +13,9 @@ from starlette.types import Scope
 _ARRIVED_AT = "arrived_at"
 
 
-def note_arrival(scope: Scope) -> float:
-    """Called by the outermost layer that holds a request; returns the time noted."""
-    now = time.perf_counter()
-    scope.setdefault("state", {})[_ARRIVED_AT] = now
-    return now
+def note_arrival(scope: Scope) -> None:
+    """Called by the outermost layer that holds a request."""
+    scope.setdefault("state", {})[_ARRIVED_AT] = time.perf_counter()
 
 
 def arrived_at(scope: Scope) -> float:

@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from admin.credentials import API_KEY_PREFIX, hash_api_key
 from api.problems import database_unavailable, unauthorized
-from ledger.reads import DATABASE_ERRORS, ApiKeyReads
+from ledger.reads import DATABASE_ERRORS, MIRROR_BATCH, ApiKeyReads
 from ledger.repositories import ApiKeyRecord, ClientIdentity
 
 log = structlog.get_logger("api")
@@ -105,9 +105,13 @@ class ApiKeyAuthenticator:
         now = self._clock()
         for key_hash in [h for h, (expires, _, _) in self._cache.items() if expires <= now]:
             del self._cache[key_hash]
-        for record in records:
+        for done, record in enumerate(records, 1):
             if record.revoked_at is None:
                 self._remember(record, now)
+            if done % MIRROR_BATCH == 0:
+                # The requests waiting on the loop go first: caching 10,000 keys at once
+                # held it for 9 ms every reload.
+                await asyncio.sleep(0)
         if len(records) >= max_keys and not self._mirror_full_logged:
             self._mirror_full_logged = True
             log.warning("api.key_mirror_full", max_keys=max_keys)
