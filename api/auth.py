@@ -123,10 +123,15 @@ class ApiKeyAuthenticator:
         their clients' first lookups, answered only after the loop's 50 ms turns). A
         revoked key leaves the next reload, and is refused once its entry expires:
         within ``cache_seconds``, as before. A key newer than the last reload is looked
-        up on its first request."""
+        up on its first request. The first load is the caller's (the app awaits one at
+        start, before its first request); a reload that fails in a way nobody foresaw
+        is logged and the next one tried, so the mirror never stops for good."""
         while self._cache_seconds > 0 and max_keys > 0:
-            await self.mirror_active_keys(max_keys)
             await asyncio.sleep(self._cache_seconds / 3)
+            try:
+                await self.mirror_active_keys(max_keys)
+            except Exception:
+                log.exception("api.key_mirror_reload_failed")
 
     def prefetch(self, authorization: str | None) -> None:
         """Start the lookup a request will need, without waiting for it: for a request

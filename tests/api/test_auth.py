@@ -333,6 +333,37 @@ async def test_a_large_mirror_leaves_the_loop_to_requests_while_it_loads() -> No
     assert turns - before >= 4, "the loop ran other work between the mirror's batches"
 
 
+async def test_the_mirror_reloads_after_the_first_load_and_outlives_a_failed_reload() -> None:
+    api_key = "sk_" + "m" * 43
+    record = ApiKeyRecord("key_1", "cli_1", "client", hash_api_key(api_key), "sk_", "2026", None)
+    asked = 0
+
+    class FlakyKeys:
+        async def key_for_hash(self, key_hash: str) -> ApiKeyRecord | None:
+            raise AssertionError("not looked up")
+
+        async def active_keys(self, limit: int) -> list[ApiKeyRecord]:
+            nonlocal asked
+            asked += 1
+            if asked == 1:
+                raise RuntimeError("a reload that fails in a way nobody foresaw")
+            return [record]
+
+    authenticator = ApiKeyAuthenticator(FlakyKeys(), 0.06)  # a reload every 20 ms
+    mirror = asyncio.create_task(authenticator.keep_mirrored(10))
+    await asyncio.sleep(0.01)
+    assert asked == 0, "the first load is the app's, at start: not loaded twice"
+    for _ in range(100):
+        if asked >= 2:
+            break
+        await asyncio.sleep(0.01)
+    assert not mirror.done(), "a failed reload did not end the mirror"
+    mirror.cancel()
+    assert asked >= 2
+    identity = await authenticator.authenticate(f"Bearer {api_key}")
+    assert identity.client_id == "cli_1", "served from the mirror, not looked up"
+
+
 async def test_a_second_key_of_the_same_client_sees_the_same_payments(
     api: httpx.AsyncClient,
     new_client: Callable[..., Any],
