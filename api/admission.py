@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections import Counter, deque
 
 from fastapi import FastAPI
@@ -33,6 +34,7 @@ from starlette.datastructures import State
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.access_log import RequestLines
+from api.admission_board import AdmissionBoard, BoardClaim, fingerprint
 from api.arrival import arrived_at, note_arrival
 from api.auth import ApiKeyAuthenticator
 from api.dependencies import client_within_limit
@@ -42,9 +44,18 @@ from api.problems import Problem, idempotency_request_in_progress, send_problem
 PAYMENTS_PATH = "/v1/payments"
 # Where a request that waited in line keeps how long it waited (the request's state).
 _WAITED = "admission_wait_seconds"
+# Where a request that took its key for new keeps its entry on the host's board.
+_CLAIM = "admission_board_claim"
 # What is left of a first request's wait after its time in line, at the least: enough
 # to start its payment and open the row.
 MIN_WAIT_AFTER_LINE_SECONDS = 1.0
+
+
+def board_claim(scope: Scope) -> BoardClaim | None:
+    """The request's entry on the host's board (api/admission_board.py), if it has one:
+    its payment keeps the entry in step with what it does."""
+    claim = scope.get("state", {}).get(_CLAIM)
+    return claim if isinstance(claim, BoardClaim) else None
 
 
 def wait_after_line(scope: Scope, wait_seconds: float) -> float:
@@ -143,7 +154,11 @@ class AdmissionMiddleware:
     is answered here, each layer's part in it done inline. At a storm's start 1,000
     requests arrive within 20 ms and the 440 repeats among them are answered in the
     same turns: each layer's per-request work (a log context, a task's worth of
-    wrappers) was 23 us of a parked request and 62 us of a repeat, most of it theirs."""
+    wrappers) was 23 us of a parked request and 62 us of a repeat, most of it theirs.
+
+    With a ``board`` (several API processes on one host), a key this process does not
+    know is looked up there before it is taken for new: a repeat of a request another
+    process is admitting is answered 409 here as if that request were here."""
 
     def __init__(
         self,
@@ -152,12 +167,14 @@ class AdmissionMiddleware:
         wait_seconds: float,
         state: State,
         lines: RequestLines,
+        board: AdmissionBoard | None = None,
     ) -> None:
         self.app = app
         self.gate = gate
         self.wait_seconds = wait_seconds
         self.state = state
         self.lines = lines
+        self.board = board
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != PAYMENTS_PATH:
@@ -170,21 +187,40 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
             return
         if (answer_by := self.gate.parked.get(ids)) is not None:
-            await self._answer_in_progress(scope, receive, send, ids, answer_by)
+            retry_after = answer_by - asyncio.get_running_loop().time()
+            await self._answer_in_progress(scope, send, ids, retry_after, starting=False)
             return
-        if not self.gate.knows(ids):
-            # Its key is looked up while it waits, not after: its repeats need it too.
-            authenticator: ApiKeyAuthenticator = self.state.authenticator
-            authenticator.prefetch(ids[0].decode("latin-1"))
-            loop = asyncio.get_running_loop()
-            parked_at = loop.time()
-            self.gate.parked[ids] = parked_at + self.wait_seconds
-            try:
-                await self.gate.wait_turn()
-            finally:
-                self.gate.parked.pop(ids, None)
-            scope.setdefault("state", {})[_WAITED] = loop.time() - parked_at
-        await self._inside(scope, receive, send, ids)
+        known = self.gate.knows(ids)
+        claim: BoardClaim | None = None
+        if not known and self.board is not None:
+            key = fingerprint(ids)
+            if (held := self.board.held_elsewhere(key)) is not None:
+                retry_after = held.answer_by - time.monotonic()
+                await self._answer_in_progress(scope, send, ids, retry_after, held.starting)
+                return
+            claim = BoardClaim(self.board, key, time.monotonic() + self.wait_seconds)
+            scope.setdefault("state", {})[_CLAIM] = claim
+        try:
+            if not known:
+                await self._wait_turn(scope, ids)
+            await self._inside(scope, receive, send, ids)
+        finally:
+            if claim is not None:
+                claim.withdraw()
+
+    async def _wait_turn(self, scope: Scope, ids: tuple[bytes, bytes]) -> None:
+        """A new payment's place in the line; its key is looked up while it waits, not
+        after: its repeats need it too."""
+        authenticator: ApiKeyAuthenticator = self.state.authenticator
+        authenticator.prefetch(ids[0].decode("latin-1"))
+        loop = asyncio.get_running_loop()
+        parked_at = loop.time()
+        self.gate.parked[ids] = parked_at + self.wait_seconds
+        try:
+            await self.gate.wait_turn()
+        finally:
+            self.gate.parked.pop(ids, None)
+        scope.setdefault("state", {})[_WAITED] = loop.time() - parked_at
 
     async def _inside(
         self, scope: Scope, receive: Receive, send: Send, ids: tuple[bytes, bytes]
@@ -207,15 +243,23 @@ class AdmissionMiddleware:
                 del gate.inside[ids]
 
     async def _answer_in_progress(
-        self, scope: Scope, receive: Receive, send: Send, ids: tuple[bytes, bytes], answer_by: float
+        self,
+        scope: Scope,
+        send: Send,
+        ids: tuple[bytes, bytes],
+        retry_after: float,
+        starting: bool,
     ) -> None:
+        """409: the first request with this key, here or in another process, is queued
+        (or ``starting``) and will have its answer in ``retry_after`` seconds."""
         started = arrived_at(scope)
         request_id, fields = self.lines.begin(scope)
         try:
             # From the authenticator's cache, or the one lookup a key's requests share.
             _, headers = await client_within_limit(self.state, ids[0].decode("latin-1"))
-            loop = asyncio.get_running_loop()
-            problem = idempotency_request_in_progress(max(1, math.ceil(answer_by - loop.time())))
+            problem = idempotency_request_in_progress(
+                max(1, math.ceil(retry_after)), starting=starting
+            )
             problem.headers.update(headers)
         except Problem as refused:
             problem = refused
@@ -226,13 +270,17 @@ class AdmissionMiddleware:
 
 
 def install_admission(
-    app: FastAPI, gate: AdmissionGate, wait_seconds: float, lines: RequestLines
+    app: FastAPI,
+    gate: AdmissionGate,
+    wait_seconds: float,
+    lines: RequestLines,
+    board: AdmissionBoard | None = None,
 ) -> None:
     """The admission line around the whole app, outside even the metrics' layer
     (``install_metrics``, to be called first)."""
     build_stack = app.build_middleware_stack
 
     def build_stack_behind_the_line() -> ASGIApp:
-        return AdmissionMiddleware(build_stack(), gate, wait_seconds, app.state, lines)
+        return AdmissionMiddleware(build_stack(), gate, wait_seconds, app.state, lines, board)
 
     app.build_middleware_stack = build_stack_behind_the_line  # type: ignore[method-assign]

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from api.access_log import AccessLogMiddleware, RequestLines, log_shed_summary
 from api.admission import AdmissionGate, install_admission
+from api.admission_board import AdmissionBoard
 from api.auth import ApiKeyAuthenticator
 from api.backlog import BacklogGate, StartSlots, processing_counter
 from api.codec_server import create_codec_app
@@ -123,6 +124,8 @@ def create_app(settings: Settings | None = None, *, tune_gc: bool = False) -> Fa
         await outcomes.stop()
         await lookups.close()
         await engine.dispose()
+        if board is not None:
+            board.close()
 
     app = FastAPI(
         title="Payments API",
@@ -153,10 +156,16 @@ def create_app(settings: Settings | None = None, *, tune_gc: bool = False) -> Fa
     app.state.admission = admission
     ADMISSION_WAITING.set_function(lambda: admission.waiting)
     request_lines = RequestLines(shed_lines)
+    # Several API processes on this host: the keys each is admitting, shared.
+    board = (
+        AdmissionBoard.attach(settings.api_admission_board)
+        if settings.api_admission_board is not None
+        else None
+    )
     # Added last, so outermost of the middleware: its line covers every other layer,
     # errors included.
     app.add_middleware(AccessLogMiddleware, lines=request_lines)
     # Around all of it, the metrics' layer included: api/admission.py says why.
-    install_admission(app, admission, settings.api_wait_seconds, request_lines)
+    install_admission(app, admission, settings.api_wait_seconds, request_lines, board)
 
     return app

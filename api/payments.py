@@ -49,6 +49,7 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from api.admission_board import BoardClaim
 from api.backlog import BacklogFull, BacklogGate, StartSlots
 from api.metrics import record_backlog_refused
 from api.problems import (
@@ -232,11 +233,14 @@ class PaymentService:
         wait_seconds: float,
         replay_wait_seconds: float = 0.0,
         arrived_seconds: float = 0.0,
+        claim: BoardClaim | None = None,
     ) -> PaymentAnswer:
         """Start or attach. A first request waits up to ``wait_seconds`` for the
         outcome; a repeat answers the payment as it stands after ``replay_wait_seconds``
         (at once by default), or as soon as it is final. ``arrived_seconds``: how long
-        ago the request reached this process."""
+        ago the request reached this process. ``claim``: the request's entry on the
+        host's board (api/admission_board.py), which tells the other API processes
+        what this one is doing with the key until its row is open."""
         async with self._changes(payment_id_for(client_id, key)) as changes:
             return await self._create(
                 changes,
@@ -247,6 +251,7 @@ class PaymentService:
                 wait_seconds=wait_seconds,
                 replay_wait_seconds=min(replay_wait_seconds, wait_seconds),
                 arrived_seconds=arrived_seconds,
+                claim=claim,
             )
 
     def _changes(self, payment_id: str) -> AbstractAsyncContextManager[PaymentChanges]:
@@ -265,6 +270,7 @@ class PaymentService:
         wait_seconds: float,
         replay_wait_seconds: float,
         arrived_seconds: float,
+        claim: BoardClaim | None,
     ) -> PaymentAnswer:
         """``create`` once subscribed to the payment's changes: every ledger read below
         comes after subscribing, so no change committed in between is missed."""
@@ -310,6 +316,8 @@ class PaymentService:
         def queued() -> None:
             admitting.queued = True
             admitting.moved.set()
+            if claim is not None:
+                claim.queued()
 
         try:
             # A place in the backlog is held until this request's row is open, and only
@@ -324,6 +332,8 @@ class PaymentService:
             ):
                 admitting.queued = False
                 admitting.moved.clear()  # set again when its row is open
+                if claim is not None:
+                    claim.starting()
                 self.starts_in_flight += 1
                 try:
                     start = await self._start_run(payment_input, client_name, wait_seconds)
@@ -354,6 +364,8 @@ class PaymentService:
             if first_here:
                 del self._admitting[ids]
                 admitting.moved.set()
+                if claim is not None:
+                    claim.withdraw()  # row open or start failed: repeats read the ledger
         if start is _Start.UNCONFIRMED:
             return await self._answer_without_outcome(client_id, key, request, request_id)
         created = start is _Start.CREATED

@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     # Processes per host (make run, the benchmark, the image's API command); in
     # Kubernetes scale by replicas instead and keep these at 1.
     api_processes: int = Field(default=1, ge=1)
+    # Set by `python -m api` for the processes it starts when it starts several: the
+    # shared-memory file on which they share the keys being admitted
+    # (api/admission_board.py). Not a setting to set by hand.
+    api_admission_board: Path | None = None
     worker_processes: int = Field(default=1, ge=1)
     # On one host, the worker and the Temporal dev server run at this nice value,
     # below the API, so clients' requests do not wait behind them for a CPU (in

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
-from api.admission import wait_after_line
+from api.admission import board_claim, wait_after_line
 from api.arrival import arrived_at
 from api.dependencies import CurrentClient, PaymentServiceDep, SettingsDep
 from api.idempotency import parse_idempotency_key
@@ -116,6 +116,7 @@ async def create_payment(
         # A repeat answers the payment as it stands unless the client asked to wait.
         replay_wait_seconds=left if requested is not None else 0.0,
         arrived_seconds=time.perf_counter() - arrived_at(request.scope),
+        claim=board_claim(request.scope),
     )
     payment = answer.payment
     response.status_code = (

@@ -4,6 +4,7 @@ the stack stops them all."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 
+from api.admission_board import REGION_BYTES, AdmissionBoard, default_board_path
 from devstack.stack import Stack, StackConfig
 from devstack.temporal_server import NAMESPACE
 from domain.payments import TASK_QUEUE
@@ -59,6 +61,19 @@ async def test_two_api_and_two_worker_processes_serve_payments(tmp_path: Path) -
         front = [stack.api.pid, *(c.pid for c in api_children)]
         assert {psutil.Process(pid).nice() for pid in front} == {ours}
 
+        # The API processes share one board of the keys they are admitting, each
+        # writing a region of its own (api/admission_board.py).
+        board = default_board_path(stack.api.pid)
+        assert board.stat().st_size == 2 * REGION_BYTES
+        for _ in range(300):  # the stack is up once one process answers
+            reader = AdmissionBoard.attach(board)
+            claimed_by_both = reader.region is None
+            reader.close()
+            if claimed_by_both:
+                break
+            await asyncio.sleep(0.1)
+        assert claimed_by_both
+
         async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
             for _ in range(4):
                 response = await http.post(
@@ -83,3 +98,5 @@ async def test_two_api_and_two_worker_processes_serve_payments(tmp_path: Path) -
             return False
 
     assert not [child.pid for child in api_children if alive(child)]
+    assert not board.exists()
+    assert not list(board.parent.glob(board.name + ".*"))  # nor its lock files
