@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import os
 import sys
+from pathlib import Path
 
 from config.settings import DEV_PROVIDER_API_KEY, Settings
 from devstack.processes import nice_value
@@ -65,9 +67,31 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def hold_bench_lock(bench_dir: Path) -> int | None:
+    """The checkout's one benchmark: a second would wipe the first one's stack (its
+    data directory is the same) and both would measure each other. The open file's
+    lock is the kernel's, gone with this process however it ends. None if held."""
+    bench_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(bench_dir / "bench.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    from bench.run import run, summarise, write_report
+    from bench.run import BENCH_DIR, run, summarise, write_report
+
+    if not args.target and hold_bench_lock(BENCH_DIR) is None:
+        print(
+            f"Another benchmark is running in this checkout ({BENCH_DIR}); wait for it to "
+            "finish or stop it. Two at once would share one stack and measure each other.",
+            file=sys.stderr,
+        )
+        return 2
     from config.logging import configure_logging
 
     # The in-process webhook receiver would print a line per delivery.
