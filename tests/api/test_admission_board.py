@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from api.admission import AdmissionGate, payment_request_ids
 from api.admission_board import (
@@ -25,7 +26,7 @@ from api.admission_board import (
 )
 from api.app import create_app
 from tests.api.conftest import api_settings, bearer, held_line, running_api
-from tests.api.test_admission import TYPES, VISA, post, until
+from tests.api.test_admission import TYPES, VISA, assert_queued_409, post, until
 from tests.api.test_repeat_during_start import unresponsive_server
 
 KEY = fingerprint((b"Bearer sk_test_a", b"order-1"))
@@ -37,54 +38,56 @@ def board_file(tmp_path: Path, processes: int = 2) -> Path:
     return path
 
 
-def test_a_key_one_process_publishes_is_seen_by_the_others_and_not_by_itself(
-    tmp_path: Path,
-) -> None:
+@pytest.fixture
+def two_boards(tmp_path: Path) -> Iterator[tuple[AdmissionBoard, AdmissionBoard]]:
+    """Two processes' views of one board, each with its region."""
     path = board_file(tmp_path)
     first, second = AdmissionBoard.attach(path), AdmissionBoard.attach(path)
     try:
-        assert {first.region, second.region} == {0, 1}
-        answer_by = time.monotonic() + 5
-        assert first.publish(KEY, answer_by, Holding.QUEUED)
-
-        held = second.held_elsewhere(KEY)
-        assert held is not None
-        assert held.answer_by == answer_by
-        assert not held.starting
-        assert first.held_elsewhere(KEY) is None  # its own keys it knows in memory
-        assert second.held_elsewhere(fingerprint((b"Bearer sk_test_a", b"order-2"))) is None
-        assert second.held_elsewhere(fingerprint((b"Bearer sk_test_b", b"order-1"))) is None
-
-        first.publish(KEY, answer_by, Holding.STARTING)
-        assert (held := second.held_elsewhere(KEY)) is not None
-        assert held.starting
-
-        first.withdraw(KEY)
-        assert second.held_elsewhere(KEY) is None
+        yield first, second
     finally:
         first.close()
         second.close()
+
+
+def test_a_key_one_process_publishes_is_seen_by_the_others_and_not_by_itself(
+    two_boards: tuple[AdmissionBoard, AdmissionBoard],
+) -> None:
+    first, second = two_boards
+    assert {first.region, second.region} == {0, 1}
+    answer_by = time.monotonic() + 5
+    assert first.publish(KEY, answer_by, Holding.QUEUED)
+
+    held = second.held_elsewhere(KEY)
+    assert held is not None
+    assert held.answer_by == answer_by
+    assert not held.starting
+    assert first.held_elsewhere(KEY) is None  # its own keys it knows in memory
+    assert second.held_elsewhere(fingerprint((b"Bearer sk_test_a", b"order-2"))) is None
+    assert second.held_elsewhere(fingerprint((b"Bearer sk_test_b", b"order-1"))) is None
+
+    first.publish(KEY, answer_by, Holding.STARTING)
+    assert (held := second.held_elsewhere(KEY)) is not None
+    assert held.starting
+
+    first.withdraw(KEY)
+    assert second.held_elsewhere(KEY) is None
 
 
 def test_an_entry_past_its_time_counts_for_nothing_and_its_slot_is_reused(
-    tmp_path: Path,
+    two_boards: tuple[AdmissionBoard, AdmissionBoard],
 ) -> None:
-    path = board_file(tmp_path)
-    first, second = AdmissionBoard.attach(path), AdmissionBoard.attach(path)
-    try:
-        assert first.publish(KEY, time.monotonic() - 0.001, Holding.QUEUED)
-        assert second.held_elsewhere(KEY) is None
-        # Keys whose home slot is the same: the expired entry's slot is taken again.
-        first.withdraw(KEY)
-        for n in range(200):
-            other = (KEY[0], KEY[1] + n + 1)
-            assert first.publish(other, time.monotonic() + 5, Holding.QUEUED) == (n < 8)
-            if n >= 8:
-                assert second.held_elsewhere(other) is None  # not published: no room
-        assert second.held_elsewhere((KEY[0], KEY[1] + 8)) is not None
-    finally:
-        first.close()
-        second.close()
+    first, second = two_boards
+    assert first.publish(KEY, time.monotonic() - 0.001, Holding.QUEUED)
+    assert second.held_elsewhere(KEY) is None
+    # Keys whose home slot is the same: the expired entry's slot is taken again.
+    first.withdraw(KEY)
+    for n in range(200):
+        other = (KEY[0], KEY[1] + n + 1)
+        assert first.publish(other, time.monotonic() + 5, Holding.QUEUED) == (n < 8)
+        if n >= 8:
+            assert second.held_elsewhere(other) is None  # not published: no room
+    assert second.held_elsewhere((KEY[0], KEY[1] + 8)) is not None
 
 
 def test_a_region_is_held_for_the_life_of_its_process_and_cleared_for_the_next(
@@ -161,13 +164,7 @@ async def test_a_repeat_of_a_request_queued_in_another_process_is_409_at_once(
         another_payment = post(api_b, other)
         await until(lambda: len(gate_b.parked) == 1)  # a key no one holds waits its turn
 
-        assert repeat.status_code == 409, repeat.text
-        assert repeat.headers["content-type"] == "application/problem+json"
-        problem = repeat.json()
-        assert problem["type"] == TYPES + "idempotency-request-in-progress"
-        assert "queued" in problem["detail"]
-        assert 1 <= int(repeat.headers["Retry-After"]) <= 3
-        assert repeat.headers["RateLimit"].startswith('"')  # counted like any request
+        assert_queued_409(repeat, retry_after_at_most=3)
         assert not first.done()
         assert payment_request_ids_of(headers) not in gate_b.parked
 
