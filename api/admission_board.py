@@ -80,7 +80,10 @@ def _lock_path(path: Path, region: int) -> Path:
 
 
 def create_board(path: Path, processes: int) -> None:
-    """A zeroed board for ``processes`` API processes, readable by this user only."""
+    """A zeroed board for ``processes`` API processes, readable by this user only. A
+    board already at ``path`` is one a killed ``python -m api`` left (the name holds
+    the creator's pid, and a pid is reused): it is replaced."""
+    remove_board(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, processes * REGION_BYTES)

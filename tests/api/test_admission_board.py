@@ -130,6 +130,25 @@ def test_the_board_holds_no_key_or_credential_and_is_removed_with_its_locks(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_board_a_killed_api_left_under_the_same_name_is_replaced(tmp_path: Path) -> None:
+    path = board_file(tmp_path, processes=1)
+    # Its process killed: the file, its lock file and the entry stay behind.
+    left = AdmissionBoard.attach(path)
+    left.publish(KEY, time.monotonic() + 60, Holding.QUEUED)
+
+    create_board(path, 2)
+
+    assert path.stat().st_size == 2 * REGION_BYTES
+    assert path.read_bytes() == bytes(2 * REGION_BYTES)
+    first, second = AdmissionBoard.attach(path), AdmissionBoard.attach(path)
+    try:
+        assert {first.region, second.region} == {0, 1}  # the old lock went with its file
+    finally:
+        first.close()
+        second.close()
+        left.close()  # (the old file's mapping, gone from the directory)
+
+
 @asynccontextmanager
 async def two_processes(
     database_url: str, board: Path, **overrides: Any
