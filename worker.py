@@ -10,7 +10,9 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Coroutine
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import structlog
@@ -107,8 +109,18 @@ def main() -> int:
     sys.dont_write_bytecode = False
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format, environment=settings.environment)
-    asyncio.run(run_worker(settings, tune_gc=True))
+    _run_on_fastest_loop(run_worker(settings, tune_gc=True))
     return 0
+
+
+def _run_on_fastest_loop(main: Coroutine[Any, Any, None]) -> None:
+    """uvloop where it is installed (every platform but Windows), as the API runs."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - Windows
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 
 if __name__ == "__main__":
