@@ -109,18 +109,18 @@ def main() -> int:
     sys.dont_write_bytecode = False
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format, environment=settings.environment)
-    _run_on_fastest_loop(run_worker(settings, tune_gc=True))
+    _run_on_uvloop(run_worker(settings, tune_gc=True))
     return 0
 
 
-def _run_on_fastest_loop(main: Coroutine[Any, Any, None]) -> None:
-    """uvloop where it is installed (every platform but Windows), as the API runs."""
+def _run_on_uvloop(coroutine: Coroutine[Any, Any, None]) -> None:
+    """As the API runs; asyncio's own loop where uvloop is not installed (Windows)."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - Windows
-        asyncio.run(main)
+        asyncio.run(coroutine)
     else:
-        uvloop.run(main)
+        uvloop.run(coroutine)
 
 
 if __name__ == "__main__":
