@@ -142,7 +142,13 @@ def create_app(settings: Settings | None = None, *, tune_gc: bool = False) -> Fa
     )
     install_problem_handlers(app)
     install_openapi(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
+    # Every route: /codec bounds its own (larger payload batches, a small sign-in form).
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.api_max_body_bytes,
+        json_only_under="/v1/",
+        exempt=("/codec",),
+    )
     install_metrics(app)
     app.include_router(payments.router)
     app.mount("/codec", create_codec_app(settings))

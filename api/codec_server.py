@@ -6,15 +6,20 @@ return ``{"payloads": [...]}`` (the Payloads protobuf as JSON, bytes in base64),
 with the namespace in ``X-Namespace``. Mounted at ``/codec`` on the API.
 
 Staff authenticate with the token in ``PAYMENTS_CODEC_AUTH_TOKEN``, either as
-``Authorization: Bearer …`` (CLI, scripts) or as a cookie set by ``/codec/login``:
-the UI sends cookies only when "Include cross-origin credentials" is ticked in its
-codec settings. Only the UI's origin may call it from a browser (CORS).
+``Authorization: Bearer …`` (CLI, scripts) or as a cookie set by ``/codec/login``,
+which the UI sends only with *Include cross-origin credentials* on. A browser that
+decodes without signing in (or after the cookie's 8 hours) gets, in place of each
+payload, a line that leads to the sign-in page: the UI shows decoded payloads where
+staff look, and its own error banner links to Temporal's docs. Only the UI's origin
+may call the endpoint from a browser (CORS).
 """
 
 from __future__ import annotations
 
+import base64
 import hmac
 import html
+import json
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs
 
@@ -25,10 +30,11 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, request_response
 from temporalio.api.common.v1 import Payloads
 from temporalio.converter import PayloadCodec
 
+from api.limits import BodyLimitMiddleware
 from config.codec import AesGcmCodec, PayloadDecryptionError
 from config.settings import Settings
 
@@ -36,6 +42,9 @@ COOKIE = "payments_codec"
 PROBLEM_JSON = "application/problem+json"
 _TYPE_BASE = "https://payments.example.com/problems/"
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# The sign-in form holds one token.
+MAX_LOGIN_BYTES = 4 * 1024
+SESSION_SECONDS = 8 * 3600
 
 
 def _problem(status: int, slug: str, detail: str) -> JSONResponse:
@@ -53,35 +62,37 @@ def create_codec_app(settings: Settings) -> Starlette:
     codec: PayloadCodec | None = None if keyring is None else AesGcmCodec(*keyring)
     token = settings.codec_auth_token.get_secret_value() if settings.codec_auth_token else None
 
-    def authenticated(request: Request) -> bool:
+    def credentials(request: Request) -> bool | None:
+        """True for staff; False for a wrong bearer token; None when nothing valid was
+        offered in a cookie (never signed in, or the 8 hours are over)."""
         if not token:
             return False
-        offered = request.cookies.get(COOKIE, "")
-        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+        scheme, _, offered = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer":
-            offered = credentials.strip()
-        return hmac.compare_digest(offered.encode(), token.encode())
+            return hmac.compare_digest(offered.strip().encode(), token.encode())
+        cookie = request.cookies.get(COOKIE)
+        if cookie is not None and hmac.compare_digest(cookie.encode(), token.encode()):
+            return True
+        return None
 
     def transform(
-        apply: Callable[[PayloadCodec, Payloads], Awaitable[None]],
+        apply: Callable[[PayloadCodec, Payloads], Awaitable[None]], *, sign_in_hint: bool
     ) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
-            if not authenticated(request):
+            staff = credentials(request)
+            if staff is None and sign_in_hint:
+                return await _sign_in_hints(request)
+            if not staff:
                 return _problem(401, "unauthenticated", "A valid codec token is required.")
             if codec is None:
                 return _problem(503, "codec-off", "Payload encryption is not configured.")
             namespace = request.headers.get("x-namespace")
             if namespace and namespace != settings.temporal_namespace:
                 return _problem(403, "wrong-namespace", "This codec serves another namespace.")
-            declared = request.headers.get("content-length", "0")
-            if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
-                return _problem(413, "too-large", "At most 4 MiB of payloads per request.")
-            body = await request.body()
-            if len(body) > MAX_BODY_BYTES:
-                return _problem(413, "too-large", "At most 4 MiB of payloads per request.")
             payloads = Payloads()
             try:
-                json_format.Parse(body, payloads)
+                # Bounded by the route's BodyLimitMiddleware, chunked bodies included.
+                json_format.Parse(await request.body(), payloads)
                 await apply(codec, payloads)
             except (json_format.ParseError, DecodeError, UnicodeDecodeError):
                 return _problem(400, "invalid-payloads", "Expected {'payloads': [...]}.")
@@ -90,6 +101,19 @@ def create_codec_app(settings: Settings) -> Starlette:
             return Response(json_format.MessageToJson(payloads), media_type="application/json")
 
         return endpoint
+
+    async def _sign_in_hints(request: Request) -> Response:
+        """As many payloads as were sent, each one the same line: where to sign in."""
+        payloads = Payloads()
+        try:
+            json_format.Parse(await request.body(), payloads)
+        except (json_format.ParseError, DecodeError, UnicodeDecodeError):
+            return _problem(400, "invalid-payloads", "Expected {'payloads': [...]}.")
+        hint = json.dumps(SIGN_IN_HINT.format(url=request.url_for("login_form"))).encode()
+        plain = {"encoding": base64.b64encode(b"json/plain").decode()}
+        data = base64.b64encode(hint).decode()
+        body = {"payloads": [{"metadata": plain, "data": data} for _ in payloads.payloads]}
+        return JSONResponse(body)
 
     async def encode(codec: PayloadCodec, payloads: Payloads) -> None:
         await codec.encode_wrapper(payloads)
@@ -112,7 +136,7 @@ def create_codec_app(settings: Settings) -> Starlette:
         response.set_cookie(
             COOKIE,
             token,
-            max_age=8 * 3600,
+            max_age=SESSION_SECONDS,
             httponly=True,
             samesite="strict",
             secure=request.url.scheme == "https",
@@ -121,15 +145,34 @@ def create_codec_app(settings: Settings) -> Starlette:
         return response
 
     async def logged_in(request: Request) -> Response:
-        ui = html.escape(settings.codec_cors_origin or "the Temporal UI")
-        return HTMLResponse(_LOGGED_IN_PAGE.format(ui=ui))
+        ui = settings.codec_cors_origin
+        ui_link = f'<a href="{html.escape(ui)}">the Temporal UI</a>' if ui else "the Temporal UI"
+        endpoint = str(request.url_for("login_form")).removesuffix("/login")
+        return HTMLResponse(_LOGGED_IN_PAGE.format(ui=ui_link, endpoint=html.escape(endpoint)))
+
+    def bounded(
+        endpoint: Callable[[Request], Awaitable[Response]], max_bytes: int, *, json_only: bool
+    ) -> BodyLimitMiddleware:
+        return BodyLimitMiddleware(
+            request_response(endpoint),
+            max_bytes=max_bytes,
+            json_only_under="/" if json_only else None,
+        )
 
     return Starlette(
         routes=[
-            Route("/encode", transform(encode), methods=["POST"]),
-            Route("/decode", transform(decode), methods=["POST"]),
-            Route("/login", login_form, methods=["GET"]),
-            Route("/login", login, methods=["POST"]),
+            Route(
+                "/encode",
+                bounded(transform(encode, sign_in_hint=False), MAX_BODY_BYTES, json_only=True),
+                methods=["POST"],
+            ),
+            Route(
+                "/decode",
+                bounded(transform(decode, sign_in_hint=True), MAX_BODY_BYTES, json_only=True),
+                methods=["POST"],
+            ),
+            Route("/login", login_form, methods=["GET"], name="login_form"),
+            Route("/login", bounded(login, MAX_LOGIN_BYTES, json_only=False), methods=["POST"]),
             Route("/logged-in", logged_in, methods=["GET"], name="logged_in"),
         ],
         middleware=[
@@ -145,12 +188,25 @@ def create_codec_app(settings: Settings) -> Starlette:
     )
 
 
-_LOGIN_PAGE = """<!doctype html><title>Payload codec: staff sign-in</title>
-<h1>Decode payloads in the Temporal UI</h1>{message}
+SIGN_IN_HINT = "Encrypted. To read it, sign in at {url} and reload this page."
+
+_LOGIN_PAGE = """<!doctype html><title>Payments codec: staff sign-in</title>
+<h1>Read payments in the Temporal UI</h1>{message}
+<p>Sign in once per shift: the sign-in lasts 8 hours.</p>
 <form method="post"><label>Codec token <input type="password" name="token" autofocus></label>
 <button>Sign in</button></form>"""
 
-_LOGGED_IN_PAGE = """<!doctype html><title>Payload codec: signed in</title>
+# The steps name what the Temporal UI shows (tests/ui follows them as written here).
+_LOGGED_IN_PAGE = """<!doctype html><title>Payments codec: signed in</title>
 <h1>Signed in for 8 hours</h1>
-<p>In {ui}, open the codec settings (the Data Encoder icon at the top), tick
-<em>Include cross-origin credentials</em> and apply: payloads then show in clear.</p>"""
+<p>{ui} now shows payments in clear, once this browser sends the sign-in to the codec
+endpoint. Set that up once per browser:</p>
+<ol id="steps">
+<li>In {ui}, click the <strong>Codec Server is configured</strong> icon in the top bar.</li>
+<li>Choose <strong>Use my browser setting and ignore Cluster-level setting.</strong></li>
+<li>In <strong>Codec Server browser endpoint</strong>, enter <code>{endpoint}</code>.</li>
+<li>Switch on <strong>Include cross-origin credentials</strong>.</li>
+<li>Click <strong>Apply</strong>.</li>
+</ol>
+<p>The UI keeps that setting; next time signing in here is all it takes. A page that still
+says "sign in" shows payments in clear once reloaded.</p>"""

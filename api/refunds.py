@@ -92,6 +92,15 @@ def refusal_problem(
     return refund_exceeds_refundable(payment_id, amount_refundable or 0)
 
 
+# Payment and refund ids are short printable ASCII; a path segment that is not one (a NUL
+# would make PostgreSQL refuse the query, read as an outage) names nothing: 404.
+MAX_ID_LENGTH = 64
+
+
+def could_be_id(value: str) -> bool:
+    return 0 < len(value) <= MAX_ID_LENGTH and all(0x21 <= ord(c) <= 0x7E for c in value)
+
+
 @dataclass(frozen=True)
 class RefundAnswer:
     refund: Refund
@@ -115,6 +124,8 @@ class RefundService:
         self._task_queue = task_queue
 
     async def get(self, client_id: str, payment_id: str, refund_id: str) -> Refund | None:
+        if not (could_be_id(payment_id) and could_be_id(refund_id)):
+            return None
         try:
             async with self._sessions() as session:
                 return await RefundRepository(session).get(client_id, payment_id, refund_id)
@@ -147,6 +158,8 @@ class RefundService:
         request: RefundRequest,
         wait_seconds: float,
     ) -> RefundAnswer:
+        if not could_be_id(request.payment_id):
+            raise payment_not_found()
         request_id = uuid.uuid4().hex
         fingerprint = request.fingerprint()
         refund_input = RefundInput.for_request(client_id, key, request, request_id)

@@ -4,6 +4,7 @@ staff-only, callable from the UI's origin and no other."""
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import AsyncIterator
 
 import httpx
@@ -11,6 +12,7 @@ import pytest
 from pydantic import SecretStr
 
 from api.app import create_app
+from api.codec_server import COOKIE
 from config.codec import new_payload_key
 from config.settings import Settings
 from config.temporal import data_converter
@@ -54,13 +56,38 @@ def _auth(token: str = TOKEN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}", "X-Namespace": "default"}
 
 
-async def test_decode_without_a_token_is_401(http: httpx.AsyncClient, settings: Settings) -> None:
+async def test_a_wrong_token_is_401(http: httpx.AsyncClient, settings: Settings) -> None:
     body = await _sealed_body(settings)
-    missing = await http.post("/codec/decode", json=body)
     wrong = await http.post("/codec/decode", json=body, headers=_auth("nope"))
-    assert missing.status_code == wrong.status_code == 401
-    assert missing.headers["content-type"].startswith("application/problem+json")
-    assert b"pm_card_visa" not in missing.content + wrong.content
+    cookie = await http.post(
+        "/codec/encode", json=body, headers={"X-Namespace": "default"}, cookies={COOKIE: "nope"}
+    )
+    assert wrong.status_code == cookie.status_code == 401
+    assert wrong.headers["content-type"].startswith("application/problem+json")
+    assert b"pm_card_visa" not in wrong.content + cookie.content
+
+
+async def test_decoding_without_signing_in_leads_to_the_sign_in_page(
+    http: httpx.AsyncClient, settings: Settings
+) -> None:
+    """What the UI shows in place of each payload to staff not signed in (or whose
+    8 hours are over): where to sign in, never the payload."""
+    body = await _sealed_body(settings)
+    body["payloads"] = [*body["payloads"], *body["payloads"]]  # type: ignore[list-item]
+    response = await http.post("/codec/decode", json=body, headers={"Origin": UI})
+    assert response.status_code == 200, response.text
+    assert response.headers["access-control-allow-origin"] == UI
+    payloads = response.json()["payloads"]
+    assert len(payloads) == 2
+    for payload in payloads:
+        assert base64.b64decode(payload["metadata"]["encoding"]) == b"json/plain"
+        hint = json.loads(base64.b64decode(payload["data"]))
+        assert (
+            hint == "Encrypted. To read it, sign in at http://api/codec/login and reload this page."
+        )
+    login = await http.get("/codec/login")
+    assert login.status_code == 200
+    assert "Codec token" in login.text
 
 
 async def test_decode_gives_staff_the_payload_in_clear(
