@@ -74,7 +74,8 @@ def create_app(settings: Settings | None = None, *, tune_gc: bool = False) -> Fa
         app.state.authenticator = ApiKeyAuthenticator(
             PooledApiKeyReads(lookups.pool),
             settings.api_key_cache_seconds,
-            max_prefetches=settings.database_read_pool_min_size,
+            # A quarter of the read pool at most waits on keys looked up one by one.
+            max_lookups=max(1, settings.database_read_pool_size // 4),
         )
         # Loaded once before the first request, then kept.
         await app.state.authenticator.mirror_active_keys(settings.api_key_mirror_size)

@@ -3,16 +3,23 @@
 Keys are 256 random bits behind a readable ``sk_`` prefix (admin/credentials.py)
 and stored as their SHA-256 only. A request's key is hashed and looked up by hash,
 so the database index never sees the key itself; the stored hash is then compared
-in constant time. Missing, unknown and revoked keys get the same 401. A short
-in-process cache keeps the hot path off the database: a revoked key is refused by
-every API process within ``cache_seconds`` (PAYMENTS_API_KEY_CACHE_SECONDS).
-A lookup is one statement on the API's read pool (``ledger.reads.PooledApiKeyReads``).
-Requests that miss the cache together share one lookup: at the start of a storm
-1,000 requests with the same key were 1,000 queries waiting for the connection pool.
-An entry is looked up again in the background once half its time has passed, and
-served meanwhile, so a busy client's requests never all wait on the database at once
-when it expires; a key revoked meanwhile is still refused within ``cache_seconds``.
-The key is never logged, nor is its hash.
+in constant time. Missing, unknown and revoked keys get the same 401.
+
+Every active key lives in memory (the mirror, reloaded every third of
+``cache_seconds``, PAYMENTS_API_KEY_CACHE_SECONDS): a revoked key is refused by every
+API process within ``cache_seconds``. While the mirror holds every active key, a key
+it does not know costs no lookup of its own: it is either made up or newer than the
+last reload, so the requests with such keys share one read of the newest keys, at
+most one every ``NEWEST_KEYS_INTERVAL`` seconds. A flood of made-up keys is then a few
+reads a second on one connection, and a key created a moment ago works on its first
+request, which waits at most that interval plus the read. Only while the mirror
+cannot hold every key (more than PAYMENTS_API_KEY_MIRROR_SIZE, or its last reload
+failed) is a missing key looked up by hash, ``max_lookups`` at once at most, so the
+read pool's other connections stay with the idempotency reads.
+
+Requests that miss together share one lookup; an entry is looked up again in the
+background once half its time has passed, and served meanwhile. The key is never
+logged, nor is its hash.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import structlog
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from admin.credentials import API_KEY_PREFIX, hash_api_key
+from api.metrics import API_KEY_READS
 from api.problems import database_unavailable, unauthorized
 from ledger.reads import DATABASE_ERRORS, MIRROR_BATCH, ApiKeyReads
 from ledger.repositories import ApiKeyRecord, ClientIdentity
@@ -34,9 +42,15 @@ log = structlog.get_logger("api")
 
 # Longer than any key we issue; anything longer is refused without hashing it.
 MAX_KEY_LENGTH = 200
-# Lookups started ahead of a request's admission, at once, by default; the app passes
-# the connections its read pool keeps open (PAYMENTS_DATABASE_READ_POOL_MIN_SIZE).
-MAX_PREFETCHES = 8
+# Lookups by hash at once (prefetches included), by default; the app passes a share of
+# its read pool.
+MAX_LOOKUPS = 8
+# A key the complete mirror does not know waits for a read of the newest keys; reads
+# start at most this often, whatever the number of unknown keys.
+NEWEST_KEYS_INTERVAL = 0.1
+# How many of the newest keys that read brings. When all of them are new to memory,
+# more may be missing, and the whole mirror is reloaded.
+NEWEST_KEYS = 64
 
 
 def _key_hash(authorization: str | None) -> str | None:
@@ -59,10 +73,11 @@ class ApiKeyAuthenticator:
         cache_seconds: float,
         *,
         clock: Callable[[], float] = time.monotonic,
-        max_prefetches: int = MAX_PREFETCHES,
+        max_lookups: int = MAX_LOOKUPS,
     ) -> None:
         self._keys = keys
-        self._max_prefetches = max_prefetches
+        self._max_lookups = max_lookups
+        self._lookup_slots = asyncio.Semaphore(max_lookups)
         self._cache_seconds = cache_seconds
         self._clock = clock
         # key hash -> (expires at, refresh from, identity)
@@ -70,6 +85,13 @@ class ApiKeyAuthenticator:
         self._lookups: dict[str, asyncio.Future[ClientIdentity | None]] = {}
         self._prefetching = 0
         self._mirror_full_logged = False
+        self._mirror_size = 0
+        # Until then the mirror holds every active key (its last load was complete).
+        self._complete_until = float("-inf")
+        self._newest_read: asyncio.Future[None] | None = None
+        self._newest_reads_begun = 0
+        self._newest_reads_ended = 0
+        self._newest_read_at = float("-inf")
 
     async def authenticate(self, authorization: str | None) -> ClientIdentity:
         key_hash = _key_hash(authorization)
@@ -79,9 +101,15 @@ class ApiKeyAuthenticator:
         cached = self._cache.get(key_hash)
         if cached is not None and cached[0] > now:
             _, refresh_from, identity = cached
-            if refresh_from <= now and key_hash not in self._lookups:
+            if refresh_from <= now and key_hash not in self._lookups and not self._complete(now):
                 self._start_lookup(key_hash, now)  # not awaited: the entry still stands
             return identity
+        if self._complete(now):
+            await self._newest_keys_read()
+            cached = self._cache.get(key_hash)
+            if cached is None or cached[0] <= self._clock():
+                raise unauthorized()
+            return cached[2]
         lookup = self._lookups.get(key_hash)
         if lookup is None:
             lookup = self._start_lookup(key_hash, now)
@@ -91,17 +119,58 @@ class ApiKeyAuthenticator:
             raise unauthorized()
         return found
 
+    def _complete(self, now: float) -> bool:
+        return self._complete_until > now
+
+    async def _newest_keys_read(self) -> None:
+        """Returns once a read of the newest keys that began after this call has ended:
+        one read for every request waiting, started at most every NEWEST_KEYS_INTERVAL."""
+        wanted = self._newest_reads_begun + 1
+        while self._newest_reads_ended < wanted:
+            if self._newest_read is None:
+                self._newest_read = asyncio.ensure_future(self._read_newest_keys())
+            # Shielded: the read is every waiting request's, not this one's to cancel.
+            await asyncio.shield(self._newest_read)
+
+    async def _read_newest_keys(self) -> None:
+        try:
+            wait = self._newest_read_at + NEWEST_KEYS_INTERVAL - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._newest_read_at = time.monotonic()
+            self._newest_reads_begun += 1
+            this_read = self._newest_reads_begun
+            now = self._clock()
+            API_KEY_READS.labels("newest").inc()
+            try:
+                records = await self._keys.active_keys(NEWEST_KEYS)
+            except (OperationalError, DBAPIError, *DATABASE_ERRORS) as exc:
+                raise database_unavailable(exc) from exc
+            unknown = sum(record.key_hash not in self._cache for record in records)
+            for record in records:
+                self._remember(record, now)
+            if unknown >= NEWEST_KEYS:
+                await self.mirror_active_keys(self._mirror_size)
+            self._newest_reads_ended = this_read
+        finally:
+            self._newest_read = None
+
     async def mirror_active_keys(self, max_keys: int) -> None:
         """Every active key (the newest ``max_keys``) into the cache, as a lookup of each
         would put it there; entries past their time leave it. A database error is logged
         and the cache left as it is: its entries still expire on time."""
         if self._cache_seconds <= 0 or max_keys <= 0:
             return
+        self._mirror_size = max_keys
+        began = self._clock()
+        API_KEY_READS.labels("mirror").inc()
         try:
             records = await self._keys.active_keys(max_keys)
         except (OperationalError, DBAPIError, *DATABASE_ERRORS) as exc:
             log.warning("api.key_mirror_failed", error=type(exc).__name__)
             return
+        # Every active key as of ``began``; the newest keys' reads add those created since.
+        self._complete_until = began + self._cache_seconds if len(records) < max_keys else 0.0
         now = self._clock()
         for key_hash in [h for h, (expires, _, _) in self._cache.items() if expires <= now]:
             del self._cache[key_hash]
@@ -137,14 +206,19 @@ class ApiKeyAuthenticator:
         """Start the lookup a request will need, without waiting for it: for a request
         that waits in the admission line before it is authenticated. At a storm's start
         a client's first lookup otherwise began only when its first repeat or admitted
-        request came, up to 50 ms in, and its repeats' 409s waited for it. At most
-        ``max_prefetches`` run at once, so made-up keys cannot crowd the read pool."""
+        request came, up to 50 ms in, and its repeats' 409s waited for it. Nothing to
+        start while the mirror holds every key; otherwise at most ``max_lookups`` run at
+        once, so made-up keys cannot crowd the read pool."""
         key_hash = _key_hash(authorization)
         if key_hash is None or key_hash in self._lookups:
             return
         now = self._clock()
         cached = self._cache.get(key_hash)
-        if (cached is not None and cached[0] > now) or self._prefetching >= self._max_prefetches:
+        if (
+            (cached is not None and cached[0] > now)
+            or self._complete(now)
+            or self._prefetching >= self._max_lookups
+        ):
             return
         self._prefetching += 1
         self._start_lookup(key_hash, now).add_done_callback(self._prefetch_finished)
@@ -165,7 +239,9 @@ class ApiKeyAuthenticator:
 
     async def _lookup(self, key_hash: str, now: float) -> ClientIdentity | None:
         try:
-            record = await self._keys.key_for_hash(key_hash)
+            async with self._lookup_slots:
+                API_KEY_READS.labels("by_hash").inc()
+                record = await self._keys.key_for_hash(key_hash)
         except (OperationalError, DBAPIError, *DATABASE_ERRORS) as exc:
             raise database_unavailable(exc) from exc
         if (

@@ -81,6 +81,14 @@ BACKLOG_WAITING = Gauge(
 )
 
 
+API_KEY_READS = Counter(
+    "payments_api_key_reads",
+    "Reads of API keys from the database by this API process, by kind: mirror (every "
+    "active key, reloaded periodically), newest (the newest keys, for a key not in memory "
+    "while memory holds every active key; one read shared by all such requests), "
+    "by_hash (one key, only while memory does not hold every active key).",
+    ["kind"],
+)
 READ_POOL_IN_USE = Gauge(
     "payments_api_read_pool_in_use",
     "Connections of this API process's read pool (PAYMENTS_DATABASE_READ_POOL_SIZE) "

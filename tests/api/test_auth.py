@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -17,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from admin.credentials import hash_api_key
 from admin.keys import create_key_async, revoke_key_async
-from api.auth import ApiKeyAuthenticator
+from api.auth import NEWEST_KEYS, NEWEST_KEYS_INTERVAL, ApiKeyAuthenticator
 from api.problems import Problem
 from ledger.reads import MIRROR_BATCH, SessionApiKeyReads
 from ledger.repositories import ApiKeyRecord
@@ -229,7 +230,7 @@ async def test_prefetches_at_once_are_bounded_so_made_up_keys_cannot_crowd_the_p
             await release.wait()
             return await super().key_for_hash(key_hash)
 
-    authenticator = ApiKeyAuthenticator(HeldKeys(sessions), 5.0, max_prefetches=3)
+    authenticator = ApiKeyAuthenticator(HeldKeys(sessions), 5.0, max_lookups=3)
     for n in range(10):
         authenticator.prefetch(f"Bearer sk_made_up_{n}")
     await asyncio.sleep(0.05)
@@ -273,7 +274,7 @@ async def test_mirrored_keys_are_known_without_a_lookup_and_a_revoked_one_leaves
     with pytest.raises(Problem) as refused:
         await authenticator.authenticate(header)
     assert refused.value.status == 401
-    assert len(looked_up) == 1, "looked up once its mirrored entry had expired"
+    assert looked_up == [], "the mirror holds every active key: no lookup of its own"
 
 
 async def test_the_mirror_holds_at_most_its_size_newest_keys_first(
@@ -396,3 +397,83 @@ async def test_the_api_key_never_reaches_the_logs(
     assert "http.request" in logged
     assert client.api_key not in logged
     assert client.api_key[10:] not in logged
+
+
+class CountingReads(SessionApiKeyReads):
+    """Every read of keys, by kind, and how many by hash run at once at most."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        super().__init__(sessions)
+        self.by_hash = 0
+        self.newest = 0
+        self.at_once = 0
+        self.most_at_once = 0
+
+    async def key_for_hash(self, key_hash: str) -> Any:
+        self.by_hash += 1
+        self.at_once += 1
+        self.most_at_once = max(self.most_at_once, self.at_once)
+        try:
+            await asyncio.sleep(0.01)
+            return await super().key_for_hash(key_hash)
+        finally:
+            self.at_once -= 1
+
+    async def active_keys(self, limit: int) -> list[ApiKeyRecord]:
+        if limit <= NEWEST_KEYS:
+            self.newest += 1
+        return await super().active_keys(limit)
+
+
+def made_up_keys(count: int) -> list[str]:
+    return [f"Bearer sk_{os.urandom(32).hex()}" for _ in range(count)]
+
+
+async def test_a_flood_of_made_up_keys_makes_no_lookup_per_key_and_a_new_key_still_works(
+    sessions: async_sessionmaker[AsyncSession], new_client: Callable[..., Any]
+) -> None:
+    """While the mirror holds every active key, 2,000 distinct made-up keys cost a few
+    reads of the newest keys, shared, and no lookup each; a key created after the last
+    reload works on its first request."""
+    await new_client("before-the-flood")
+    keys = CountingReads(sessions)
+    authenticator = ApiKeyAuthenticator(keys, 5.0)
+    await authenticator.mirror_active_keys(10_000)
+    newer = await new_client("after-the-mirror")
+
+    async def refused(header: str) -> int:
+        with pytest.raises(Problem) as problem:
+            await authenticator.authenticate(header)
+        return problem.value.status
+
+    began = time.monotonic()
+    statuses = await asyncio.gather(*(refused(header) for header in made_up_keys(2000)))
+    identity = await authenticator.authenticate(f"Bearer {newer.api_key}")
+    elapsed = time.monotonic() - began
+
+    assert set(statuses) == {401}
+    assert identity.client_id == newer.client_id
+    assert keys.by_hash == 0, "no made-up key was looked up"
+    assert 1 <= keys.newest <= elapsed / NEWEST_KEYS_INTERVAL + 2, (keys.newest, elapsed)
+
+
+async def test_while_the_mirror_cannot_hold_every_key_lookups_at_once_are_bounded(
+    sessions: async_sessionmaker[AsyncSession], new_client: Callable[..., Any]
+) -> None:
+    await new_client("one")
+    await new_client("two")
+    keys = CountingReads(sessions)
+    authenticator = ApiKeyAuthenticator(keys, 5.0, max_lookups=2)
+    await authenticator.mirror_active_keys(1)  # full: the other keys are looked up
+
+    async def status(header: str) -> int:
+        try:
+            await authenticator.authenticate(header)
+        except Problem as problem:
+            return problem.status
+        return 200
+
+    statuses = await asyncio.gather(*(status(header) for header in made_up_keys(40)))
+    assert set(statuses) == {401}
+    assert keys.by_hash == 40
+    assert keys.most_at_once == 2, "made-up keys never hold more than their share of the pool"

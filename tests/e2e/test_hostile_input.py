@@ -1,4 +1,5 @@
-"""What an attacker tries on the running API: bodies without end, ids that are not ids.
+"""What an attacker tries on the running API: bodies without end, ids that are not ids,
+keys made up by the thousand.
 
 Bodies go over a raw socket, chunked, so the test sees when the API answers: a body
 larger than its route's bound is refused with 413 problem+json before the client has
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -16,6 +18,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from api.auth import NEWEST_KEYS_INTERVAL
 from api.codec_server import MAX_BODY_BYTES, MAX_LOGIN_BYTES
 from tests.helpers.e2e import E2EStack
 
@@ -150,3 +153,39 @@ async def test_refund_routes_answer_404_for_ids_that_cannot_be_ids(stack: E2ESta
         assert response.status_code == 404, (response.request.url, response.text)
         assert response.headers["content-type"] == "application/problem+json"
         assert response.json()["type"] in {TYPES + "payment-not-found", TYPES + "refund-not-found"}
+
+
+def _key_reads(metrics: str) -> dict[str, float]:
+    reads = {}
+    for line in metrics.splitlines():
+        if line.startswith("payments_api_key_reads_total{"):
+            kind = line.split('kind="', 1)[1].split('"', 1)[0]
+            reads[kind] = float(line.rsplit(" ", 1)[1])
+    return reads
+
+
+async def test_a_flood_of_made_up_keys_costs_no_database_read_per_key(stack: E2EStack) -> None:
+    """500 requests, each with its own made-up key, at 50 at once: all 401, none looked
+    up by hash (the API holds every active key in memory), a few shared reads of the
+    newest keys; and a key created meanwhile works on its first request."""
+    made_up = [f"sk_{uuid.uuid4().hex}{uuid.uuid4().hex}" for _ in range(500)]
+    limits = httpx.Limits(max_connections=50)
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60, limits=limits) as http:
+        before = _key_reads((await http.get("/metrics")).text)
+        began = time.monotonic()
+        flood = await asyncio.gather(
+            *(http.get("/v1/payments", headers={"Authorization": f"Bearer {k}"}) for k in made_up)
+        )
+        created = await stack.stack.add_client(f"new-{uuid.uuid4().hex[:8]}")
+        first = await http.get(
+            "/v1/payments", headers={"Authorization": f"Bearer {created.api_key}"}
+        )
+        elapsed = time.monotonic() - began
+        after = _key_reads((await http.get("/metrics")).text)
+
+    assert {response.status_code for response in flood} == {401}
+    assert first.status_code == 200, first.text
+    assert after.get("by_hash", 0) == before.get("by_hash", 0), "a made-up key was looked up"
+    newest = after["newest"] - before.get("newest", 0)
+    assert 1 <= newest <= elapsed / NEWEST_KEYS_INTERVAL + 2, (newest, elapsed)
+    assert newest < len(made_up) / 10
