@@ -1,11 +1,12 @@
 """One way to reach Temporal, from settings: the dev server locally, a cluster or
 Temporal Cloud (TLS, API key) in production. Every client gets the same data
-converter, so payloads are encrypted on the way in and readable on the way out."""
+converter, so payloads, and the messages and stack traces of failures, are encrypted
+on the way in and readable on the way out."""
 
 from __future__ import annotations
 
 from temporalio.client import Client
-from temporalio.converter import DataConverter
+from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
 
 from config.codec import AesGcmCodec
 from config.settings import Settings
@@ -18,7 +19,13 @@ def data_converter(settings: Settings) -> DataConverter:
     if keyring is None:
         return DataConverter.default
     keys, active = keyring
-    return DataConverter(payload_codec=AesGcmCodec(keys, active))
+    return DataConverter(
+        payload_codec=AesGcmCodec(keys, active),
+        # A failure's message and stack trace move into a payload the codec seals (the
+        # message left in clear reads "Encoded failure"): a provider's words and our
+        # servers' file paths are for signed-in staff only.
+        failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
+    )
 
 
 async def connect_temporal(settings: Settings, *, lazy: bool = False) -> Client:

@@ -124,6 +124,17 @@ def _decline_fields(error: ApplicationError) -> tuple[str, str]:
     return "card_declined", error.message
 
 
+def _outcome_words(outcome: Payment | RecordOutcomeInput) -> str:
+    """The outcome as support staff read it first: a failure says its code and the
+    provider's words ("failed (card_declined: Your card was declined.)")."""
+    if outcome.status != PaymentStatus.FAILED:
+        return str(outcome.status)
+    reason = outcome.failure_code or "unknown"
+    if outcome.failure_message:
+        reason = f"{reason}: {outcome.failure_message}"
+    return f"failed ({reason})"
+
+
 def _outcome_search_attributes(payment: Payment) -> list[SearchAttributeUpdate[Any]]:
     """What support staff search by once the outcome is known."""
     updates: list[SearchAttributeUpdate[Any]] = [
@@ -169,13 +180,13 @@ class PaymentWorkflow:
             outcome,
             start_to_close_timeout=LEDGER_START_TO_CLOSE,
             retry_policy=LEDGER_RETRY,
-            summary=f"Record {outcome.status} in the ledger",
+            summary=f"Record {_outcome_words(outcome)} in the ledger",
         )
         self._payment = payment
         workflow.upsert_search_attributes(_outcome_search_attributes(payment))
 
         await self._notify(payment)
-        workflow.set_current_details(f"Done: {payment.status}")
+        workflow.set_current_details(f"Done: {_outcome_words(payment)}")
         await workflow.wait_condition(workflow.all_handlers_finished)
         return payment
 

@@ -16,6 +16,7 @@ from temporalio.api.workflowservice.v1 import GetWorkflowExecutionHistoryRequest
 from temporalio.client import Client
 
 from config.settings import venv_bin
+from devstack.stack import REPO_ROOT
 from devstack.temporal_server import NAMESPACE
 from domain.payments import Payment, PaymentInput, payment_workflow_id
 from tests.helpers.e2e import E2EStack
@@ -116,12 +117,16 @@ async def test_the_temporal_cli_decodes_a_declined_payment_through_our_codec_end
             "-w", payment_workflow_id(stack.client.client_id, key), "--output", "json"]  # fmt: skip
 
     raw = await _temporal_cli(*show)
-    # Not in a payload, nor in the failure's message or stack trace (those stay clear).
     assert b"pm_card_chargeDeclined" not in _payload_bytes(raw)
     assert "pm_card_chargeDeclined" not in raw
-    assert "declined" in raw.lower()
+    # The failure's message and stack trace are sealed too: its type stays searchable.
+    assert "Your card was declined" not in raw
+    assert str(REPO_ROOT) not in raw, "a stack trace's file paths are in clear"
+    assert "Encoded failure" in raw
+    assert "PaymentDeclined" in raw
     token = stack.stack.dev_secrets["codec_token"]
     decoded = await _temporal_cli(
         *show, "--codec-endpoint", stack.stack.codec_url, "--codec-auth", f"Bearer {token}"
     )
     assert b"pm_card_chargeDeclined" in _payload_bytes(decoded)
+    assert b"Your card was declined" in _payload_bytes(decoded)

@@ -21,7 +21,7 @@ import pytest
 from temporalio import workflow
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import WorkflowHistory
-from temporalio.converter import DataConverter
+from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
 from temporalio.worker import Replayer
 from temporalio.workflow import NondeterminismError
 
@@ -70,7 +70,10 @@ def todays_workflows() -> list[type]:
 
 def data_converter() -> DataConverter:
     """The histories' payloads are sealed with the TEST-ONLY key (never used outside tests)."""
-    return DataConverter(payload_codec=replay_only_codec())
+    return DataConverter(
+        payload_codec=replay_only_codec(),
+        failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
+    )
 
 
 def load(path: Path) -> WorkflowHistory:

@@ -263,12 +263,22 @@ async def test_decline_ends_failed_with_failure_code_and_no_retry(
     worker, handle = await _start(env.client, fakes, payment)
     async with worker:
         result = await handle.result()
+        details = await _current_details(handle)
 
     assert result.status is PaymentStatus.FAILED
     assert result.failure_code == "insufficient_funds"
     assert fakes.charge_attempts == 1, "a decline is a business outcome, never retried"
     assert fakes.charges == []
     assert [w.event_type for w in fakes.webhooks_delivered] == ["payment.failed"]
+    # Where support staff look first: the code and the provider's words.
+    outcome = f"failed (insufficient_funds: {result.failure_message})"
+    assert result.failure_message
+    assert details == f"Done: {outcome}"
+    summaries: list[object] = []
+    for event in (await handle.fetch_history()).events:
+        if event.user_metadata.HasField("summary"):
+            summaries += await env.client.data_converter.decode([event.user_metadata.summary])
+    assert f"Record {outcome} in the ledger" in summaries, summaries
 
 
 async def test_provider_errors_are_retried_until_the_charge_succeeds(
