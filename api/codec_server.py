@@ -196,17 +196,18 @@ _LOGIN_PAGE = """<!doctype html><title>Payments codec: staff sign-in</title>
 <form method="post"><label>Codec token <input type="password" name="token" autofocus></label>
 <button>Sign in</button></form>"""
 
-# The steps name what the Temporal UI shows (tests/ui follows them as written here).
+# The steps name what the Temporal UI shows; tests/ui follows them as written here,
+# each by its first word.
 _LOGGED_IN_PAGE = """<!doctype html><title>Payments codec: signed in</title>
 <h1>Signed in for 8 hours</h1>
-<p>{ui} now shows payments in clear, once this browser sends the sign-in to the codec
-endpoint. Set that up once per browser:</p>
+<p>Payments show in clear in the Temporal UI once this browser sends the sign-in to the
+codec endpoint. Set that up once per browser:</p>
 <ol id="steps">
-<li>In {ui}, click the <strong>Codec Server is configured</strong> icon in the top bar.</li>
+<li>Open {ui} and click the <strong>Codec Server is configured</strong> icon in its top bar.</li>
 <li>Choose <strong>Use my browser setting and ignore Cluster-level setting.</strong></li>
-<li>In <strong>Codec Server browser endpoint</strong>, enter <code>{endpoint}</code>.</li>
+<li>Enter <code>{endpoint}</code> in <strong>Codec Server browser endpoint</strong>.</li>
 <li>Switch on <strong>Include cross-origin credentials</strong>.</li>
 <li>Click <strong>Apply</strong>.</li>
 </ol>
-<p>The UI keeps that setting; next time signing in here is all it takes. A page that still
+<p>The UI keeps that setting: next time, signing in here is all it takes. A page that
 says "sign in" shows payments in clear once reloaded.</p>"""

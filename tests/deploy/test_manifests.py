@@ -7,6 +7,7 @@ grace periods cover the worker's drain."""
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 import yaml
 
 from api.app import create_app
+from config.codec import new_payload_key
 from config.settings import Settings
 from worker import GRACEFUL_SHUTDOWN
 
@@ -155,3 +157,46 @@ def test_compose_bind_mounts_exist() -> None:
             if source.startswith(".") and not (DEPLOY / source).exists():
                 missing.add(source.removeprefix("./"))
     assert not missing, f"missing: {sorted(missing)}"
+
+
+def test_compose_ui_is_read_only_and_decodes_through_the_api_with_the_sign_in() -> None:
+    services = _compose()["services"]
+    ui = services["temporal-ui"]["environment"]
+    api = services["api"]["environment"]
+    assert ui["TEMPORAL_DISABLE_WRITE_ACTIONS"] == "true"
+    assert ui["TEMPORAL_CODEC_INCLUDE_CREDENTIALS"] == "true"
+    api_port = services["api"]["ports"][0].split(":")[0]
+    ui_port = services["temporal-ui"]["ports"][0].split(":")[0]
+    assert ui["TEMPORAL_CODEC_ENDPOINT"] == f"http://localhost:{api_port}/codec"
+    assert ui["TEMPORAL_CODEC_DEFAULT_ERROR_LINK"] == ui["TEMPORAL_CODEC_ENDPOINT"] + "/login"
+    assert api["PAYMENTS_CODEC_CORS_ORIGIN"] == f"http://localhost:{ui_port}"
+
+
+def test_the_production_settings_of_compose_and_kubernetes_start_once_secrets_are_set() -> None:
+    """Production refuses to start without payload keys (config/settings.py): both
+    deployments must pass them, with the staff codec token, from their secrets."""
+    filled = {
+        "PAYMENTS_PAYLOAD_KEYS": f"k1:{new_payload_key()}",
+        "PAYMENTS_CODEC_AUTH_TOKEN": "t" * 32,
+        "PAYMENTS_PROVIDER_API_KEY": "sk_test_" + "x" * 24,
+    }
+
+    def resolved(value: object) -> str:
+        # compose's ${NAME:?message}: the operator's value for NAME
+        return re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: filled.get(m[1], "set"), str(value))
+
+    compose_env = {k: resolved(v) for k, v in _compose()["services"]["api"]["environment"].items()}
+    (configmap,) = _by_kind("ConfigMap")
+    secret = next(
+        doc for doc in yaml.safe_load_all((K8S / "secret.example.yaml").read_text()) if doc
+    )
+    k8s_env = {**configmap["data"], **secret["stringData"]}
+    k8s_env = {k: filled.get(k, v) for k, v in k8s_env.items()}
+    for env in (compose_env, k8s_env):
+        assert env["PAYMENTS_ENVIRONMENT"] == "production"
+        assert {"PAYMENTS_PAYLOAD_KEYS", "PAYMENTS_CODEC_AUTH_TOKEN"} <= env.keys()
+        settings = Settings.model_validate(
+            {k.removeprefix("PAYMENTS_").lower(): v for k, v in env.items() if k != "DATABASE_URL"}
+        )
+        assert settings.payload_keyring is not None
+        assert settings.codec_cors_origin

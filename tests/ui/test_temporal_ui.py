@@ -2,16 +2,17 @@
 
 Payloads (inputs, results, summaries, details) are encrypted in Temporal, so the
 UI shows them only to staff signed in to our codec endpoint (``/codec`` on the API).
-The test does what docs/support.md tells staff to do: sign in at ``/codec/login``
-(it sets a cookie for the codec endpoint), then in the UI's codec settings use the
-browser setting with that endpoint and tick "Include cross-origin credentials". The
-UI then decodes through the endpoint from the browser, across origins (CORS).
+The test does what staff do: sign in at ``/codec/login`` (it sets a cookie for the
+codec endpoint), then follow the steps the signed-in page lists, word for word (each
+by its first word, each UI element by the name the page gives it). The UI then
+decodes through the endpoint from the browser, across origins (CORS).
 
 A payment is made over the API; the test searches the UI for its idempotency key
 (and for its provider charge id), opens it and checks that the summary and the
 charge are on screen, decoded. It also shows a declined payment and a charge the
-provider keeps failing, as docs/support.md describes them, and that without
-signing in the UI shows nothing decoded.
+provider keeps failing, as docs/support.md describes them, the list's columns as
+docs/support.md sets them up, and that without signing in the UI shows nothing
+decoded, only the way to our sign-in.
 
 Each charge attempt is a local activity: the Timeline shows it as a marker named
 ``charge_payment`` (no summary, no colour for a failure); *Event History* has a
@@ -30,6 +31,7 @@ drives it by path and never downloads a browser of its own.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -147,24 +149,76 @@ async def sign_in_to_codec(ui: UIStack, page: Page, *, shots: bool = False) -> N
     await expect(page.get_by_role("heading", name="Signed in for 8 hours")).to_be_visible()
 
 
-async def use_codec_with_credentials(ui: UIStack, page: Page, *, shots: bool = False) -> None:
-    """The UI's codec settings (stored in the browser): our endpoint, with the cookie."""
-    await page.goto(f"{ui.ui_url}/namespaces/{NAMESPACE}/workflows")
-    await page.get_by_role("button", name="Codec Server is configured").click()
+@dataclass
+class Step:
+    """One step of the signed-in page: its words, the UI names it gives (in bold) and
+    the value to type (in code)."""
+
+    text: str
+    names: list[str]
+    values: list[str]
+    link: str | None
+
+    @property
+    def verb(self) -> str:
+        return self.text.split()[0]
+
+
+async def signed_in_steps(page: Page) -> list[Step]:
+    steps = []
+    for item in await page.locator("ol#steps > li").all():
+        link = item.get_by_role("link")
+        steps.append(
+            Step(
+                text=" ".join((await item.inner_text()).split()),
+                names=[n.strip() for n in await item.locator("strong").all_inner_texts()],
+                values=[v.strip() for v in await item.locator("code").all_inner_texts()],
+                link=await link.get_attribute("href") if await link.count() else None,
+            )
+        )
+    return steps
+
+
+async def follow_signed_in_steps(
+    ui: UIStack, page: Page, steps: list[Step], *, shots: bool = False
+) -> None:
+    """The signed-in page's steps, as a person reads them: each starts with what to do,
+    and names in bold what to do it to."""
     dialog = page.get_by_role("dialog", name="Codec Server")
-    await dialog.get_by_text("Use my browser setting and ignore Cluster-level setting.").click()
-    await dialog.get_by_role("textbox", name="Codec Server browser endpoint").fill(
-        ui.stack.codec_url
-    )
-    # The switch itself is visually hidden; its label is what a person clicks.
-    await dialog.get_by_text("Include cross-origin credentials", exact=True).click()
-    await expect(
-        dialog.get_by_role("switch", name="Include cross-origin credentials")
-    ).to_be_checked()
-    if shots:
-        await ui.shot(page, "ui-codec-settings.png")
-    await dialog.get_by_role("button", name="Apply").click()
-    await expect(dialog).to_be_hidden()
+    for step in steps:
+        if step.verb == "Open":
+            assert step.link == ui.ui_url, step
+            await page.goto(f"{step.link}/namespaces/{NAMESPACE}/workflows")
+            [icon] = step.names
+            await page.get_by_role("button", name=icon).click()
+        elif step.verb == "Choose":
+            [choice] = step.names
+            await dialog.get_by_text(choice, exact=True).click()
+        elif step.verb == "Enter":
+            [field_name], [value] = step.names, step.values
+            await dialog.get_by_role("textbox", name=field_name).fill(value)
+        elif step.verb == "Switch":
+            [switch] = step.names
+            # The switch itself is visually hidden; its label is what a person clicks.
+            await dialog.get_by_text(switch, exact=True).click()
+            await expect(dialog.get_by_role("switch", name=switch)).to_be_checked()
+        elif step.verb == "Click":
+            if shots:
+                await ui.shot(page, "ui-codec-settings.png")
+            [button] = step.names
+            await dialog.get_by_role("button", name=button).click()
+            await expect(dialog).to_be_hidden()
+        else:
+            raise AssertionError(f"a step the test cannot follow: {step.text}")
+
+
+async def use_codec_with_credentials(ui: UIStack, page: Page, *, shots: bool = False) -> None:
+    """Signed in, the page's steps: the UI's codec settings (kept in the browser) with
+    our endpoint, sending the cookie."""
+    steps = await signed_in_steps(page)
+    assert [step.verb for step in steps] == ["Open", "Choose", "Enter", "Switch", "Click"]
+    assert steps[2].values == [ui.stack.codec_url]
+    await follow_signed_in_steps(ui, page, steps, shots=shots)
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +340,49 @@ async def test_support_sees_why_a_payment_was_declined(ui: UIStack, page: Page) 
     assert await ui.failed_charges(workflow_id) == 1, "a decline is never retried"
     await page.get_by_text("Failure", exact=True).first.scroll_into_view_if_needed()
     await ui.shot(page, "ui-declined-history.png", full_page=True)
+    # Where staff look first: the outcome with its code and the provider's words.
+    await page.get_by_test_id("user-metadata-tab").click()
+    await expect_metadata(page, "Done: failed (card_declined: Your card was declined.)")
+    await ui.shot(page, "ui-declined-details.png")
+
+
+def documented_columns() -> tuple[list[str], list[str]]:
+    """The list's columns docs/support.md tells staff to add, and those to remove."""
+    text = " ".join((REPO_ROOT / "docs" / "support.md").read_text().split())
+    found = re.search(
+        r"add \(\*\*\+\*\*\) these, in this order: (.+?); remove \(\*\*\u2212\*\*\) (.+?)\.", text
+    )
+    assert found, "docs/support.md no longer says which columns to add"
+    return re.findall(r"`([^`]+)`", found[1]), re.findall(r"`([^`]+)`", found[2])
+
+
+async def test_the_list_shows_the_columns_support_md_sets_up(ui: UIStack, page: Page) -> None:
+    key = f"order-{uuid.uuid4()}"
+    response = await ui.pay(key, "pm_card_chargeDeclined")
+    assert response.status_code == 201
+    query = f'IdempotencyKey="{key}" AND PaymentStatus="failed"'
+    await wait_until(lambda: ui.visible_to_search(query), within=10)
+    added, removed = documented_columns()
+    assert added[:2] == ["PaymentStatus", "FailureCode"]
+
+    await page.goto(ui.workflows_url(query))
+    await page.get_by_role("button", name="Configure Columns").click()
+    for column in added:
+        await page.get_by_role("button", name=f"Add {column} column").click()
+    for column in removed:
+        await page.get_by_role("button", name=f"Remove {column} column").click()
+    await page.keyboard.press("Escape")
+    headers = page.get_by_role("columnheader")
+    for column in added:
+        await expect(headers.filter(has_text=column)).to_have_count(1)
+    for column in removed:
+        await expect(headers.filter(has_text=column)).to_have_count(0)
+    row = page.get_by_role("row").filter(
+        has=page.get_by_role("link", name=payment_workflow_id(ui.client.client_id, key))
+    )
+    await expect(row).to_contain_text("failed")
+    await expect(row).to_contain_text("card_declined")
+    await ui.shot(page, "ui-list-columns.png")
 
 
 async def test_support_sees_what_a_payment_is_waiting_for(ui: UIStack, page: Page) -> None:
@@ -332,14 +429,16 @@ async def test_support_sees_what_a_payment_is_waiting_for(ui: UIStack, page: Pag
         await provider.clear_faults()
 
 
-async def test_without_signing_in_the_ui_decodes_nothing(ui: UIStack) -> None:
-    """The codec endpoint answers only signed-in staff: a browser that has the same
-    codec settings but no sign-in sees the payment, never its summary in clear."""
+async def test_staff_not_signed_in_are_led_to_the_sign_in_page(ui: UIStack) -> None:
+    """The codec endpoint decodes for signed-in staff only. A browser that never signed
+    in (the UI's own setting) or whose 8 hours are over (the cookie gone, the browser
+    setting kept) sees, in place of each payload, where to sign in: a link to our page."""
     key = f"order-{uuid.uuid4()}"
     response = await ui.pay(key, "pm_card_visa")
     assert response.status_code == 201
     workflow_id = payment_workflow_id(ui.client.client_id, key)
     await wait_until(lambda: ui.visible_to_search(f'IdempotencyKey="{key}"'), within=10)
+    hint = f"Encrypted. To read it, sign in at {ui.stack.codec_url}/login and reload this page."
 
     context = await ui.browser.new_context(viewport={"width": 1400, "height": 900})
     try:
@@ -349,14 +448,39 @@ async def test_without_signing_in_the_ui_decodes_nothing(ui: UIStack) -> None:
             "response",
             lambda r: statuses.append(r.status) if "/codec/decode" in r.url else None,
         )
-        await use_codec_with_credentials(ui, page)
-        await page.goto(ui.workflows_url(f'IdempotencyKey="{key}"'))
-        await page.get_by_role("link", name=workflow_id).click()
-        # The history's charge row is there, its summary (decoded for staff) is not.
-        await page.get_by_test_id("history-tab").click()
-        await expect(local_activity_rows(page, "charge_payment")).to_have_count(1)
-        await wait_until(lambda: statuses, within=20)
-        assert set(statuses) == {401}, statuses
-        await expect(page.get_by_text("Charge 12.50 EUR at the provider")).to_have_count(0)
+        for expired in (False, True):
+            if expired:  # signed in and set up as the page says, then 8 hours pass
+                await sign_in_to_codec(ui, page)
+                await use_codec_with_credentials(ui, page)
+                await context.clear_cookies()
+            await page.goto(ui.workflows_url(f'IdempotencyKey="{key}"'))
+            await page.get_by_role("link", name=workflow_id).click()
+            await page.get_by_test_id("user-metadata-tab").click()
+            await expect_metadata(page, hint)
+            # Each step's summary in the history: the same line, never the payment's words.
+            await page.get_by_test_id("history-tab").click()
+            await expect(page.get_by_text(hint).first).to_be_visible()
+            await expect(page.get_by_text("Charge 12.50 EUR")).to_have_count(0)
+            if not expired:
+                await ui.shot(page, "ui-not-signed-in.png")
+        assert set(statuses) == {200}, statuses
+
+        # The summary's link opens our sign-in page.
+        await page.get_by_test_id("user-metadata-tab").click()
+
+        async def sign_in_link() -> str | None:
+            for frame in page.frames[1:]:
+                try:
+                    link = frame.get_by_role("link", name=f"{ui.stack.codec_url}/login")
+                    if await link.count():
+                        return await link.first.get_attribute("href")
+                except PlaywrightError:  # the UI re-rendered it meanwhile: look again
+                    continue
+            return None
+
+        sign_in = await wait_until(sign_in_link, within=20, interval=0.25)
+        assert sign_in == f"{ui.stack.codec_url}/login"
+        await page.goto(sign_in)
+        await expect(page.get_by_label("Codec token")).to_be_visible()
     finally:
         await context.close()
