@@ -152,6 +152,8 @@ class PendingWebhooks:
 
 
 PENDING_WEBHOOKS = PendingWebhooks()
+# Both read the module's PENDING_WEBHOOKS when scraped, not the instance of import time:
+# a test gives itself an empty one, so no other test's deliveries reach its figures.
 Gauge(
     "payments_webhook_undelivered",
     "Webhook deliveries this worker has attempted and not delivered yet.",
@@ -162,7 +164,7 @@ Gauge(
     "Age of the oldest webhook this worker has attempted and not delivered yet, "
     "counted from its first scheduled attempt (0 when none).",
     registry=REGISTRY,
-).set_function(PENDING_WEBHOOKS.oldest_age_seconds)
+).set_function(lambda: PENDING_WEBHOOKS.oldest_age_seconds())
 
 
 @dataclass

@@ -5,11 +5,14 @@ Everything listens on free ports and is stopped at the end of the session.
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -23,6 +26,7 @@ from devstack.processes import ManagedProcess
 from devstack.webhook_receiver import WebhookReceiver
 from ledger.db import create_engine, session_factory
 from ledger.migrate import upgrade_to_head
+from ledger.outcomes import libpq_url
 from ledger.payment_sql import PooledPaymentLedger
 from tests.helpers.provider import SandboxProvider
 
@@ -39,6 +43,25 @@ async def database_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
         yield server.url
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def own_database_url(database_url: str) -> AsyncIterator[str]:
+    """A migrated database of the test's own on the session's server: for a test that
+    reads a whole table, which every other test writes to."""
+    name = f"own_{uuid.uuid4().hex[:12]}"
+    base, _, _ = database_url.rpartition("/")
+    async with await psycopg.AsyncConnection.connect(
+        libpq_url(database_url), autocommit=True
+    ) as admin:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    url = f"{base}/{name}"
+    await asyncio.to_thread(upgrade_to_head, url)
+    yield url
+    async with await psycopg.AsyncConnection.connect(
+        libpq_url(database_url), autocommit=True
+    ) as admin:
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
