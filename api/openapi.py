@@ -85,6 +85,14 @@ def _problem_table() -> str:
     )
 
 
+# 1-255 printable ASCII characters (api/idempotency.py), bare (no space at either end: HTTP
+# drops it) or quoted without quotes or backslashes inside.
+IDEMPOTENCY_KEY_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "pattern": r'^(?:"[ !#-\[\]-~]{1,255}"|[!#-~](?:[ -~]{0,253}[!-~])?)$',
+}
+
+
 def install_openapi(app: FastAPI) -> None:
     generate: Callable[[], dict[str, Any]] = app.openapi
 
@@ -98,6 +106,13 @@ def install_openapi(app: FastAPI) -> None:
         schemas["Problem"] = problem
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
+                for parameter in operation.get("parameters", []):
+                    if parameter["in"] == "header" and parameter["name"] == "Idempotency-Key":
+                        # Declared optional so that a missing key gets our own 400
+                        # (idempotency-key-missing), never FastAPI's: the document says
+                        # what the API does, required.
+                        parameter["required"] = True
+                        parameter["schema"] = IDEMPOTENCY_KEY_SCHEMA
                 responses = operation.get("responses", {})
                 if "HTTPValidationError" in str(responses.get("422", "")):
                     del responses["422"]

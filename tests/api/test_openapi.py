@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import uuid
 from typing import Any
 
 import httpx
@@ -98,3 +100,26 @@ async def test_every_v1_operation_documents_its_errors_as_problems(
         for status, response in responses.items():
             if int(status) >= 400:
                 assert set(response["content"]) == {PROBLEM_JSON}, (method, path, status)
+
+
+async def test_every_post_documents_the_idempotency_key_as_required(
+    api: httpx.AsyncClient,
+) -> None:
+    """A POST without the key is a 400: the document says the key is required, and
+    which keys are valid (schemathesis found it documented as optional)."""
+    document = await _document(api)
+    posts = [
+        (path, operations["post"])
+        for path, operations in document["paths"].items()
+        if "post" in operations and path.startswith("/v1/")
+    ]
+    assert {path for path, _ in posts} == {"/v1/payments", "/v1/payments/{payment_id}/refunds"}
+    for path, operation in posts:
+        [key] = [p for p in operation["parameters"] if p["name"] == "Idempotency-Key"]
+        assert key["in"] == "header"
+        assert key["required"] is True, path
+        pattern = re.compile(key["schema"]["pattern"])
+        assert pattern.match(str(uuid.uuid4()))
+        assert pattern.match('"order-1234"')
+        for invalid in ("", "k" * 256, '"a"b"', '"a\\b"', " padded "):
+            assert not pattern.match(invalid), invalid
