@@ -74,7 +74,10 @@ _OPEN = (
     "INSERT INTO payments (id, client_id, idempotency_key, request_fingerprint, "
     "origin_request_id, amount, currency, payment_method, description, metadata, status, "
     "workflow_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-    "ON CONFLICT ON CONSTRAINT uq_payments_client_key DO NOTHING "
+    # Any conflict: the id is derived from (client, key), so two opens of one payment
+    # racing each other can meet on the primary key first, which a conflict clause
+    # naming only uq_payments_client_key leaves a unique violation.
+    "ON CONFLICT DO NOTHING "
     "RETURNING id, client_id, idempotency_key, request_fingerprint, origin_request_id, amount, "
     "currency, description, metadata AS metadata_, status, failure_code, failure_message, "
     "provider_charge_id, created_at, updated_at, version, "

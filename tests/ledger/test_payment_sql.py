@@ -144,3 +144,17 @@ async def test_racing_opens_of_one_key_make_one_row_and_all_read_the_first(
         ).all()
     assert len(rows) == 1
     assert rows[0].origin_request_id == winner.origin_request_id
+
+
+async def test_opens_of_one_payment_racing_each_other_all_find_the_one_row(
+    sessions: async_sessionmaker[AsyncSession], payment_ledger: PooledPaymentLedger
+) -> None:
+    """The API and the worker open the same payment, sometimes at the same moment: each
+    insert must end on the one row, never on the primary key's unique violation (the
+    conflict clause named only the (client, key) constraint, and a 500 followed)."""
+    async with sessions() as session, session.begin():
+        client = await add_client(session, name="race", webhook_url=None)
+    for _ in range(20):
+        payment = _input(client.client_id, str(uuid.uuid4()), 700, "r1")
+        opened = await asyncio.gather(*(payment_ledger.open_payment(payment) for _ in range(8)))
+        assert {stored.payment.id for stored in opened} == {payment.payment_id}

@@ -156,3 +156,26 @@ async def test_a_failed_refund_releases_and_a_succeeded_one_posts_balanced_entri
     assert stored is not None
     assert stored.amount_refunded == 600
     assert stored.amount_refundable == AMOUNT - 600
+
+
+async def test_one_key_raced_for_two_payments_reserves_one_refund_and_refuses_the_other(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    """Each reservation holds its own payment's row lock, so nothing orders them: the
+    second insert must meet the first on the key, never fail on the primary key."""
+    async with sessions() as session, session.begin():
+        client = await add_client(session, name="refund-race", webhook_url=None)
+    first, second = [
+        await payment_in_ledger(sessions, client.client_id, PaymentStatus.SUCCEEDED, amount=AMOUNT)
+        for _ in range(2)
+    ]
+    for _ in range(10):
+        key = str(uuid.uuid4())
+        reservations = await asyncio.gather(
+            _reserve(sessions, _refund(first, 10, key)),
+            _reserve(sessions, _refund(second, 10, key)),
+        )
+        assert sum(r.refund is not None for r in reservations) == 1
+        assert [r.refusal for r in reservations if r.refund is None] == [
+            RefundRefusal.IDEMPOTENCY_KEY_REUSED
+        ]
