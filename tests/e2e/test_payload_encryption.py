@@ -4,7 +4,6 @@ metadata; read with the codec (as the API, the worker and the UI do) it decodes.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import uuid
@@ -15,11 +14,10 @@ from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.workflowservice.v1 import GetWorkflowExecutionHistoryRequest
 from temporalio.client import Client
 
-from config.settings import venv_bin
 from devstack.stack import REPO_ROOT
 from devstack.temporal_server import NAMESPACE
 from domain.payments import Payment, PaymentInput, payment_workflow_id
-from tests.helpers.e2e import E2EStack
+from tests.helpers.e2e import E2EStack, temporal_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -92,16 +90,6 @@ def _payload_bytes(history_json: str) -> bytes:
     return b"\n".join(found)
 
 
-async def _temporal_cli(*args: str) -> str:
-    process = await asyncio.create_subprocess_exec(
-        venv_bin("temporal"), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    output, _ = await process.communicate()
-    assert process.returncode == 0, output.decode()
-    return output.decode()
-
-
 async def test_the_temporal_cli_decodes_a_declined_payment_through_our_codec_endpoint(
     stack: E2EStack,
 ) -> None:
@@ -116,7 +104,7 @@ async def test_the_temporal_cli_decodes_a_declined_payment_through_our_codec_end
     show = ["workflow", "show", "--address", stack.temporal_address, "--namespace", NAMESPACE,
             "-w", payment_workflow_id(stack.client.client_id, key), "--output", "json"]  # fmt: skip
 
-    raw = await _temporal_cli(*show)
+    raw = await temporal_cli(*show)
     assert b"pm_card_chargeDeclined" not in _payload_bytes(raw)
     assert "pm_card_chargeDeclined" not in raw
     # The failure's message and stack trace are sealed too: its type stays searchable.
@@ -125,7 +113,7 @@ async def test_the_temporal_cli_decodes_a_declined_payment_through_our_codec_end
     assert "Encoded failure" in raw
     assert "PaymentDeclined" in raw
     token = stack.stack.dev_secrets["codec_token"]
-    decoded = await _temporal_cli(
+    decoded = await temporal_cli(
         *show, "--codec-endpoint", stack.stack.codec_url, "--codec-auth", f"Bearer {token}"
     )
     assert b"pm_card_chargeDeclined" in _payload_bytes(decoded)

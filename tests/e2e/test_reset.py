@@ -8,7 +8,6 @@ does everything again: open, charge, record, notify.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import Any
 
@@ -16,22 +15,11 @@ import httpx
 import pytest
 from temporalio.client import WorkflowExecutionStatus
 
-from config.settings import venv_bin
 from devstack.temporal_server import NAMESPACE
 from domain.payments import Payment, payment_workflow_id
-from tests.helpers.e2e import E2EStack, wait_until
+from tests.helpers.e2e import E2EStack, temporal_cli, wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-async def _temporal_cli(*args: str) -> str:
-    process = await asyncio.create_subprocess_exec(
-        venv_bin("temporal"), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    output, _ = await process.communicate()
-    assert process.returncode == 0, output.decode()
-    return output.decode()
 
 
 @pytest.mark.parametrize("payment_method", ["pm_card_visa", "pm_card_chargeDeclined"])
@@ -59,7 +47,7 @@ async def test_a_payment_reset_to_its_first_task_charges_nothing_twice(
         asked_before = stats_before["charge_requests_by_key"][before["id"]]
         entries_before = await stack.ledger_balance(before["id"])
 
-        await _temporal_cli(
+        await temporal_cli(
             "workflow", "reset", "--address", stack.temporal_address, "--namespace", NAMESPACE,
             "--workflow-id", workflow_id, "--run-id", first_run, "--type", "FirstWorkflowTask",
             "--reason", "tests/e2e/test_reset.py: a reset past the charge",

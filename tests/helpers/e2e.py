@@ -3,19 +3,32 @@ the ledger's sums, the webhooks that arrived."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from admin.clients import CreatedClient
+from config.settings import venv_bin
 from devstack.stack import Stack
 from devstack.webhook_receiver import ReceivedWebhook
 from ledger.repositories import PaymentRepository
 from tests.helpers.eventually import wait_until
 from tests.helpers.provider import SandboxProvider
 
-__all__ = ["E2EStack", "wait_until"]
+__all__ = ["E2EStack", "temporal_cli", "wait_until"]
+
+
+async def temporal_cli(*args: str) -> str:
+    """The installed ``temporal`` CLI's output; the command must succeed."""
+    process = await asyncio.create_subprocess_exec(
+        venv_bin("temporal"), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output, _ = await process.communicate()
+    assert process.returncode == 0, output.decode()
+    return output.decode()
 
 
 @dataclass

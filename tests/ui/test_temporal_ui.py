@@ -147,6 +147,8 @@ async def sign_in_to_codec(ui: UIStack, page: Page, *, shots: bool = False) -> N
         await ui.shot(page, "codec-sign-in.png")
     await page.get_by_role("button", name="Sign in").click()
     await expect(page.get_by_role("heading", name="Signed in for 8 hours")).to_be_visible()
+    if shots:
+        await ui.shot(page, "codec-signed-in.png")
 
 
 @dataclass
@@ -371,7 +373,8 @@ async def test_the_list_shows_the_columns_support_md_sets_up(ui: UIStack, page: 
         await page.get_by_role("button", name=f"Add {column} column").click()
     for column in removed:
         await page.get_by_role("button", name=f"Remove {column} column").click()
-    await page.keyboard.press("Escape")
+    await page.get_by_role("button", name="Close Workflows Table configuration").click()
+    await expect(page.get_by_text("Configure Workflows Table")).to_be_hidden()
     headers = page.get_by_role("columnheader")
     for column in added:
         await expect(headers.filter(has_text=column)).to_have_count(1)
@@ -382,7 +385,9 @@ async def test_the_list_shows_the_columns_support_md_sets_up(ui: UIStack, page: 
     )
     await expect(row).to_contain_text("failed")
     await expect(row).to_contain_text("card_declined")
+    await page.set_viewport_size({"width": 2100, "height": 500})  # the whole row in view
     await ui.shot(page, "ui-list-columns.png")
+    await page.set_viewport_size({"width": 1400, "height": 900})
 
 
 async def test_support_sees_what_a_payment_is_waiting_for(ui: UIStack, page: Page) -> None:
