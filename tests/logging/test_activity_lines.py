@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
-import structlog
 from temporalio import activity, workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError
@@ -17,7 +16,10 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer, Worker
 
 with workflow.unsafe.imports_passed_through():
-    # The sandbox re-imports this module; cryptography cannot be imported twice.
+    # The sandbox re-imports this module; cryptography cannot be imported twice, and
+    # structlog imports rich where it is installed, which seeds random at import.
+    import structlog
+
     from config.logging import (
         ActivityLoggingInterceptor,
         add_to_attempt_line,
