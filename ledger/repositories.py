@@ -476,7 +476,9 @@ class RefundRepository:
                 status=RefundStatus.PENDING.value,
                 workflow_id=refund_workflow_id(refund.client_id, refund.idempotency_key),
             )
-            .on_conflict_do_nothing(constraint="uq_refunds_client_key")
+            # Any conflict: the id is derived from (client, key), so the same key raced
+            # for two payments (each under its own row lock) can meet on the primary key.
+            .on_conflict_do_nothing()
             .returning(RefundRow.id)
         )
         if inserted is None:
