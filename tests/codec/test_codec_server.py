@@ -59,8 +59,9 @@ def _auth(token: str = TOKEN) -> dict[str, str]:
 async def test_a_wrong_token_is_401(http: httpx.AsyncClient, settings: Settings) -> None:
     body = await _sealed_body(settings)
     wrong = await http.post("/codec/decode", json=body, headers=_auth("nope"))
+    # A cookie from another token (rotated since): not staff either.
     cookie = await http.post(
-        "/codec/encode", json=body, headers={"X-Namespace": "default"}, cookies={COOKIE: "nope"}
+        "/codec/encode", json=body, headers={"X-Namespace": "default", "Cookie": f"{COOKIE}=nope"}
     )
     assert wrong.status_code == cookie.status_code == 401
     assert wrong.headers["content-type"].startswith("application/problem+json")
