@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 
@@ -16,11 +18,16 @@ from tests.helpers.e2e import E2EStack
 PROCESSING_WAIT_SECONDS = Settings().api_wait_seconds
 
 
-@pytest.fixture(scope="session")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[E2EStack]:
-    config = StackConfig.for_tests(tmp_path_factory.mktemp("stack"))
-    async with Stack(config) as running:
+@asynccontextmanager
+async def e2e_stack(data_dir: Path) -> AsyncIterator[E2EStack]:
+    async with Stack(StackConfig.for_tests(data_dir)) as running:
         assert running.demo_client is not None
         engine = create_engine(Settings(database_url=running.database_url))
         yield E2EStack(running, running.demo_client, session_factory(engine))
         await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[E2EStack]:
+    async with e2e_stack(tmp_path_factory.mktemp("stack")) as running:
+        yield running

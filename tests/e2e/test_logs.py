@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 from domain.payments import payment_workflow_id
+from tests.e2e.conftest import e2e_stack
 from tests.helpers.e2e import E2EStack, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -24,13 +26,24 @@ BYTES_PER_PAYMENT_BUDGET = 2048
 ACTIVITIES = ["open_payment", "charge_payment", "record_outcome", "notify_webhook"]
 
 
+@pytest.fixture(scope="module")
+async def own_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[E2EStack]:
+    """A stack of this module's own: the test counts every line the API and the worker
+    write in its window, and another test's last lines would land in it."""
+    async with e2e_stack(tmp_path_factory.mktemp("logs-stack")) as running:
+        yield running
+
+
 def _lines(path: Path, start: int) -> list[dict[str, Any]]:
     with path.open("rb") as file:
         file.seek(start)
         return [json.loads(line) for line in file.read().splitlines() if line.startswith(b"{")]
 
 
-async def test_payments_log_correlated_canonical_lines_without_secrets(stack: E2EStack) -> None:
+async def test_payments_log_correlated_canonical_lines_without_secrets(
+    own_stack: E2EStack,
+) -> None:
+    stack = own_stack
     logs = stack.stack.logs_dir
     api_log, worker_log = logs / "api.log", logs / "worker.log"
     start = {path: path.stat().st_size for path in (api_log, worker_log)}
